@@ -1,0 +1,144 @@
+"""Run configuration: pydantic models validated at the boundary (YAML file and command-line flags).
+
+Precedence: code defaults, then the YAML file (``--config``), then flags. Unknown keys are
+rejected everywhere. The resolved configuration is written to the run directory as
+``config.yaml`` and is what ``--resume`` reads back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """The configuration file or flags are invalid; the message says which key and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    name: str = "synthetic-scenes"
+    root: str | None = None
+    image_size: tuple[int, int] | None = None
+    train_samples: int | None = Field(default=None, ge=1)
+    val_samples: int | None = Field(default=None, ge=1)
+    test_samples: int | None = Field(default=None, ge=1)
+    augment: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+    num_workers: int = Field(default=0, ge=0)
+
+
+class ModelSection(_Strict):
+    encoder: str = "tiny"
+    head: str | None = None
+    head_width: int | None = Field(default=None, ge=1)
+    pretrained: str | None = None
+
+
+class OptimConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    step_epochs: int = Field(default=10, ge=1)
+    step_gamma: float = Field(default=0.1, gt=0, le=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    eval_batch_size: int | None = Field(default=None, ge=1)
+    task_weighting: Literal["equal", "uncertainty"] = "equal"
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    checkpoint_every: int = Field(default=0, ge=0, description="steps between mid-epoch checkpoints; 0: epoch ends only")
+    log_every: int = Field(default=20, ge=1)
+
+
+class RunConfig(_Strict):
+    dataset: DataConfig = Field(default_factory=DataConfig)
+    tasks: list[str] | None = None
+    model: ModelSection = Field(default_factory=ModelSection)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    baseline: list[str] = Field(default_factory=list, description="single-task metrics.json files or run dirs for ΔMTL")
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    amp: bool = True
+    out: str = "runs/latest"
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"task list {v} names a task twice")
+        return v or None
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``set_dotted(d, "optim.lr", 0.1)`` sets ``d["optim"]["lr"]``, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(file_values: dict | None = None, overrides: dict | None = None) -> RunConfig:
+    """Defaults, then ``file_values``, then ``overrides`` (both nested dicts)."""
+    merged = _deep_update(file_values or {}, overrides or {})
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `python -m training.run --help`)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def dump_config(config: RunConfig, path: str | Path) -> None:
+    from training.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

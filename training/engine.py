@@ -1,0 +1,132 @@
+"""One epoch of training and one pass of evaluation; nothing here knows about files or flags."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from training.distributed import all_reduce_sum
+from training.losses import MultiTaskLoss
+from training.metrics import MultiTaskMetrics
+from training.tasks import TaskSpec
+
+log = logging.getLogger("training")
+
+
+class TrainStep(nn.Module):
+    """Model and loss as one module, so DDP also averages the gradients of the loss's own
+    parameters (the log-variances of uncertainty weighting)."""
+
+    def __init__(self, model: nn.Module, loss: MultiTaskLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        outputs = self.model(batch["image"])
+        return self.loss(outputs, batch)
+
+
+@dataclass
+class StepContext:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    grad_clip: float | None = None
+    log_every: int = 20
+    show_progress: bool = False
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_one_epoch(step: nn.Module, loader: Iterable[dict], ctx: StepContext, device: torch.device, *,
+                    epoch: int, first_batch: int, total_batches: int,
+                    after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Train over ``loader`` (which already skips ``first_batch`` batches on resume).
+
+    ``after_step(batch_index)`` runs after every optimizer step (mid-epoch checkpoints).
+    Returns the mean total and per-task training losses over the batches seen.
+    """
+    step.train()
+    sums: dict[str, float] = {}
+    seen = 0
+    bar = _progress_bar(ctx.show_progress, total_batches, first_batch, f"epoch {epoch}")
+    started = time.perf_counter()
+    images = 0
+    for b, batch in enumerate(loader, start=first_batch):
+        batch = to_device(batch, device)
+        total, parts = _optimizer_step(step, batch, ctx)
+        seen += 1
+        images += batch["image"].shape[0]
+        for name, value in {"loss": total.detach(), **parts}.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        if after_step is not None:
+            after_step(b + 1)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+        elif (b + 1) % ctx.log_every == 0 or b + 1 == total_batches:
+            rate = images / max(time.perf_counter() - started, 1e-9)
+            log.info("epoch %d batch %d/%d loss %.4f lr %.3g %.1f img/s", epoch, b + 1, total_batches,
+                     sums["loss"] / seen, ctx.optimizer.param_groups[0]["lr"], rate)
+    if bar is not None:
+        bar.close()
+    return {k: v / max(seen, 1) for k, v in sums.items()}
+
+
+def _optimizer_step(step: nn.Module, batch: dict, ctx: StepContext):
+    ctx.optimizer.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        total, parts = step(batch)
+    ctx.scaler.scale(total).backward()
+    if ctx.grad_clip is not None:
+        ctx.scaler.unscale_(ctx.optimizer)
+        torch.nn.utils.clip_grad_norm_(step.parameters(), ctx.grad_clip)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    ctx.scheduler.step()
+    return total, parts
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss: MultiTaskLoss, loader: Iterable[dict], tasks: tuple[TaskSpec, ...],
+             device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]
+             ) -> tuple[dict[str, dict[str, float]], float]:
+    """Metrics over the whole set (summed across DDP ranks) and the mean validation loss.
+
+    The validation loss is the unweighted sum of the task losses, averaged over samples, so that
+    early stopping does not depend on the (learned) task weights.
+    """
+    model.eval()
+    metrics = MultiTaskMetrics(tasks)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of loss * n, n)
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast():
+            outputs = model(batch["image"])
+        outputs = {k: v.float() for k, v in outputs.items()}
+        _, parts = loss(outputs, batch)
+        n = batch["image"].shape[0]
+        loss_sum += torch.tensor([float(sum(parts.values())) * n, n], dtype=torch.float64, device=device)
+        metrics.update(outputs, batch)
+    metrics.all_reduce()
+    all_reduce_sum(loss_sum)
+    return metrics.compute(), float(loss_sum[0] / loss_sum[1].clamp(min=1))

@@ -1,0 +1,72 @@
+"""End of a run: evaluate the best checkpoint on the test split, compare it with trivial
+baselines (and single-task baselines for ΔMTL when given), write metrics.json, print the table."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from training.baselines import evaluate_predictor, fit_trivial
+from training.checkpoint import BEST, LAST, TrainProgress
+from training.distributed import barrier
+from training.engine import evaluate
+from training.io import atomic_write_json
+from training.metrics import delta_mtl
+from training.models.complexity import count_macs, count_parameters
+from training.report import metrics_table
+from training.trainer import Run, load_weights, loader
+
+log = logging.getLogger("training")
+
+
+def load_baseline(paths: list[str]) -> dict[str, dict[str, float]]:
+    """Merge the task metrics of single-task runs (a run directory or its metrics.json each)."""
+    merged: dict[str, dict[str, float]] = {}
+    for raw in paths:
+        path = Path(raw)
+        path = path / "metrics.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(f"baseline {raw}: no metrics.json there; point --baseline at a finished run")
+        merged.update(json.loads(path.read_text())["tasks"])
+    return merged
+
+
+def final_evaluation(run: Run, progress: TrainProgress) -> dict:
+    """Test metrics of the best weights; writes ``metrics.json`` on rank 0 and returns its content."""
+    barrier()  # rank 0 may still be writing the last epoch's checkpoints
+    best = run.run_dir / BEST
+    load_weights(run.model, best if best.exists() else run.run_dir / LAST)
+    test_metrics, test_loss = evaluate(run.model, run.loss, loader(run, "test"), run.tasks, run.device,
+                                       run.ctx.autocast)
+    if not run.dist.is_main:
+        return {}
+    trivial = _trivial_metrics(run)
+    h, w = run.info.image_size
+    result = {
+        "dataset": run.config.dataset.name, "split": "test", "checkpoint": "best" if best.exists() else "last",
+        "best_epoch": progress.best_epoch, "epochs_trained": progress.epoch, "test_loss": test_loss,
+        "tasks": test_metrics, "trivial": trivial,
+        "parameters": count_parameters(run.model), "macs": count_macs(run.model, (h, w)), "image_size": [h, w],
+        "task_specs": [t.to_dict() for t in run.tasks],
+    }
+    if run.config.baseline:
+        baseline = load_baseline(run.config.baseline)
+        result["delta_mtl"] = delta_mtl(test_metrics, baseline, run.tasks)
+        result["baseline"] = {"paths": run.config.baseline, "tasks": baseline}
+    atomic_write_json(run.run_dir / "metrics.json", result)
+    print(f"\nTest metrics of {run.run_dir} ({result['checkpoint']} checkpoint, epoch {progress.best_epoch}) "
+          f"against the trivial baselines (majority class, mean depth, mean normal, majority attributes):")
+    print(metrics_table(run.tasks, test_metrics, trivial))
+    print(f"parameters {result['parameters'] / 1e6:.2f} M, MACs {result['macs'] / 1e9:.3f} G at {h}x{w}")
+    if "delta_mtl" in result:
+        print(f"ΔMTL {result['delta_mtl']:+.2f}% against the single-task baselines {run.config.baseline}")
+    return result
+
+
+@torch.no_grad()
+def _trivial_metrics(run: Run) -> dict:
+    predictor = fit_trivial(run.tasks, loader(run, "train", shard=False))
+    return evaluate_predictor(predictor, loader(run, "test", shard=False), run.tasks, all_reduce=False)

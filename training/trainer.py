@@ -1,0 +1,280 @@
+"""The named steps of a training run: build the parts, fit, evaluate the best weights at the end.
+
+`training.run` only wires these together; tests and the sweep call them directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from training.checkpoint import BEST, LAST, TrainProgress, load_checkpoint, save_checkpoint
+from training.config import RunConfig
+from training.data import DatasetInfo, DatasetSpec, build_dataset
+from training.data.sampler import EpochBatchSampler
+from training.distributed import DistInfo, broadcast_flag
+from training.engine import StepContext, TrainStep, evaluate, train_one_epoch
+from training.io import atomic_write_text
+from training.losses import MultiTaskLoss
+from training.models import create_model
+from training.models.pretrained import load_torchvision_resnet
+from training.report import log_epoch
+from training.tasks import TaskSpec
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class Run:
+    """Everything a training run needs, built once."""
+
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    dist: DistInfo
+    info: DatasetInfo
+    tasks: tuple[TaskSpec, ...]
+    datasets: dict[str, Dataset]
+    model: nn.Module
+    loss: MultiTaskLoss
+    step: nn.Module  # TrainStep, wrapped in DDP when distributed
+    sampler: EpochBatchSampler
+    ctx: StepContext
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch()
+
+
+def pick_device(name: str, dist: DistInfo | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+        if device.index is None and dist is not None:
+            device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def build_datasets(cfg: RunConfig) -> tuple[dict[str, Dataset], DatasetInfo]:
+    d = cfg.dataset
+    counts = {"train": d.train_samples, "val": d.val_samples, "test": d.test_samples or d.val_samples}
+    datasets, info = {}, None
+    for split, n in counts.items():
+        spec = DatasetSpec(root=d.root, image_size=d.image_size, num_samples=n,
+                           tasks=tuple(cfg.tasks) if cfg.tasks else None, seed=cfg.seed,
+                           augment=d.augment and split == "train", options=dict(d.options))
+        datasets[split], split_info = build_dataset(d.name, split, spec)
+        info = info or split_info
+    return datasets, info
+
+
+def build_network(cfg: RunConfig, tasks: tuple[TaskSpec, ...]) -> nn.Module:
+    m = cfg.model
+    kwargs = {k: v for k, v in {"head": m.head, "head_width": m.head_width}.items() if v is not None}
+    model = create_model(encoder=m.encoder, tasks=tasks, name=f"{m.encoder}-{'-'.join(t.name for t in tasks)}",
+                         **kwargs)
+    if m.pretrained:
+        loaded = load_torchvision_resnet(model, m.pretrained)
+        log.info("initialised %d encoder tensors from %s", len(loaded), m.pretrained)
+    return model
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module, loss: nn.Module) -> torch.optim.Optimizer:
+    """The model's parameters with weight decay; the loss's own (log-variances) without, since
+    decay would pull the learned task weights back to 1."""
+    o = cfg.optim
+    groups = [{"params": list(model.parameters()), "weight_decay": o.weight_decay}]
+    if any(True for _ in loss.parameters()):
+        groups.append({"params": list(loss.parameters()), "weight_decay": 0.0})
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr)
+
+
+def lr_factor(step: int, *, cfg: RunConfig, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step``: linear warm-up, then the schedule."""
+    o = cfg.optim
+    warmup = int(o.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "step":
+        return o.step_gamma ** ((step // steps_per_epoch) // o.step_epochs)
+    total = max(cfg.train.epochs * steps_per_epoch - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total) / total))
+
+
+def _autocast_factory(cfg: RunConfig, device: torch.device):
+    if not (cfg.amp and device.type == "cuda"):
+        return contextlib.nullcontext, False
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return functools.partial(torch.autocast, "cuda", dtype=dtype), dtype == torch.float16
+
+
+def build_run(cfg: RunConfig, run_dir: Path, dist: DistInfo, device: torch.device) -> Run:
+    set_determinism(cfg.seed, cfg.deterministic)
+    datasets, info = build_datasets(cfg)
+    tasks = info.tasks
+    model = build_network(cfg, tasks).to(device)
+    loss = MultiTaskLoss(tasks, cfg.train.task_weighting).to(device)
+    step: nn.Module = TrainStep(model, loss)
+    if dist.enabled:
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = EpochBatchSampler(len(datasets["train"]), cfg.train.batch_size, seed=cfg.seed,
+                                rank=dist.rank, world_size=dist.world_size)
+    optimizer = build_optimizer(cfg, model, loss)
+    schedule = functools.partial(lr_factor, cfg=cfg, steps_per_epoch=sampler.batches_per_epoch())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    autocast, needs_scaler = _autocast_factory(cfg, device)
+    ctx = StepContext(optimizer=optimizer, scheduler=scheduler,
+                      scaler=torch.amp.GradScaler(device.type, enabled=needs_scaler), autocast=autocast,
+                      grad_clip=cfg.optim.grad_clip, log_every=cfg.train.log_every,
+                      show_progress=dist.is_main and sys.stderr.isatty())
+    return Run(config=cfg, run_dir=run_dir, device=device, dist=dist, info=info, tasks=tasks,
+               datasets=datasets, model=model, loss=loss, step=step, sampler=sampler, ctx=ctx)
+
+
+def loader(run: Run, split: str, *, shard: bool = True) -> DataLoader:
+    """Evaluation loader: every sample once; under DDP each rank takes every world-th sample."""
+    n = len(run.datasets[split])
+    rank, world = (run.dist.rank, run.dist.world_size) if shard else (0, 1)
+    sampler = EpochBatchSampler(n, run.config.train.eval_batch_size or run.config.train.batch_size,
+                                shuffle=False, drop_last=False, rank=rank, world_size=world)
+    return DataLoader(run.datasets[split], batch_sampler=sampler, num_workers=run.config.dataset.num_workers)
+
+
+def train_loader(run: Run) -> DataLoader:
+    return DataLoader(run.datasets["train"], batch_sampler=run.sampler, num_workers=run.config.dataset.num_workers,
+                      pin_memory=run.device.type == "cuda")
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def _states(run: Run) -> dict:
+    return {"model": run.model.state_dict(), "loss": run.loss.state_dict(),
+            "optimizer": run.ctx.optimizer.state_dict(), "scheduler": run.ctx.scheduler.state_dict(),
+            "scaler": run.ctx.scaler.state_dict()}
+
+
+def save(run: Run, progress: TrainProgress, name: str = LAST) -> None:
+    if run.dist.is_main:
+        save_checkpoint(run.run_dir / name, model_config=run.model.config.to_dict(), states=_states(run),
+                        progress=progress)
+
+
+def restore(run: Run, path: Path) -> TrainProgress:
+    ckpt = load_checkpoint(path)
+    states = ckpt["states"]
+    run.model.load_state_dict(states["model"])
+    run.loss.load_state_dict(states["loss"])
+    run.ctx.optimizer.load_state_dict(states["optimizer"])
+    run.ctx.scheduler.load_state_dict(states["scheduler"])
+    run.ctx.scaler.load_state_dict(states["scaler"])
+    return TrainProgress.from_dict(ckpt["progress"])
+
+
+def load_weights(model: nn.Module, path: Path) -> dict:
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(ckpt["states"]["model"])
+    return ckpt
+
+
+def write_history(run: Run, progress: TrainProgress) -> None:
+    if run.dist.is_main:
+        atomic_write_text(run.run_dir / "history.jsonl", "".join(json.dumps(h) + "\n" for h in progress.history))
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def fit(run: Run, progress: TrainProgress) -> TrainProgress:
+    """Train from ``progress`` to the last epoch (or early stop), evaluating every epoch."""
+    cfg = run.config
+    every = cfg.train.checkpoint_every
+    bpe = run.batches_per_epoch
+    val_loader = loader(run, "val")
+    while progress.epoch < cfg.train.epochs and not _stopped(progress):
+        epoch = progress.epoch
+        run.sampler.set_epoch(epoch, progress.batch)
+        _set_dataset_epoch(run.datasets["train"], epoch)
+
+        def after_step(done: int) -> None:
+            progress.batch, progress.global_step = done, progress.global_step + 1
+            _maybe_inject_kill(progress.global_step)
+            if every and done % every == 0 and done < bpe:
+                save(run, progress)
+
+        train_losses = train_one_epoch(run.step, train_loader(run), run.ctx, run.device, epoch=epoch,
+                                       first_batch=progress.batch, total_batches=bpe, after_step=after_step)
+        metrics, val_loss = evaluate(run.model, run.loss, val_loader, run.tasks, run.device, run.ctx.autocast)
+        _end_epoch(run, progress, epoch, train_losses, metrics, val_loss)
+    return progress
+
+
+def _end_epoch(run: Run, progress: TrainProgress, epoch: int, train_losses: dict, metrics: dict,
+               val_loss: float) -> None:
+    record = {"epoch": epoch, "step": progress.global_step, "lr": run.ctx.optimizer.param_groups[0]["lr"],
+              "train": train_losses, "val_loss": val_loss, "val": metrics}
+    if hasattr(run.loss, "log_vars") and run.config.train.task_weighting == "uncertainty":
+        record["log_vars"] = dict(run.loss.log_vars)
+    improved = val_loss < progress.best_val_loss
+    progress.history.append(record)
+    progress.epoch, progress.batch = epoch + 1, 0
+    if improved:
+        progress.best_val_loss, progress.best_epoch, progress.bad_epochs = val_loss, epoch, 0
+    else:
+        progress.bad_epochs += 1
+    patience = run.config.train.early_stopping_patience
+    stop = broadcast_flag(bool(patience and progress.bad_epochs >= patience), run.device)
+    if stop:
+        progress.history[-1]["early_stop"] = True
+    if improved:
+        save(run, progress, BEST)
+    save(run, progress, LAST)
+    write_history(run, progress)
+    if run.dist.is_main:
+        log_epoch(record, run.tasks, improved)
+
+
+def _maybe_inject_kill(global_step: int) -> None:
+    """Fault injection for the kill-and-resume test: ``PARSIMONY_KILL_AT_STEP=N`` makes the process
+    SIGKILL itself right after optimizer step N, before any checkpoint of that step is written."""
+    at = os.environ.get("PARSIMONY_KILL_AT_STEP")
+    if at is not None and global_step == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _stopped(progress: TrainProgress) -> bool:
+    return bool(progress.history and progress.history[-1].get("early_stop"))
+
+
+def _set_dataset_epoch(dataset: Dataset, epoch: int) -> None:
+    set_epoch = getattr(dataset, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
