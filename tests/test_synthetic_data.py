@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from training.data import DataError, DatasetSpec, available_datasets, build_dataset
-from training.data.render import preview
+from training.data.synthetic import preview
 from training.data.synthetic_faces import GLASSES, HAIR, MOUTH, SKIN, render_face
 from training.data.synthetic_scenes import CLASSES, FLOOR, render_scene, sample_scene
 from training.tasks import TaskSpec

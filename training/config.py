@@ -63,12 +63,23 @@ class TrainConfig(_Strict):
     log_every: int = Field(default=20, ge=1)
 
 
+class SparsityConfig(_Strict):
+    """Channel group lasso on the shared encoder (``lam`` 0 disables it)."""
+
+    lam: float = Field(default=0.0, ge=0, description="λ of λ·Σ_g sqrt(|g|)·‖W_g‖₂")
+    mode: Literal["proximal", "penalty"] = "proximal"
+    groups: Literal["channel", "paper"] = "channel"
+    warmup_epochs: int = Field(default=0, ge=0, description="epochs trained densely before sparsifying")
+    tolerance: float = Field(default=1e-6, ge=0, description="penalty mode: groups with ‖W_g‖₂ below count as zero")
+
+
 class RunConfig(_Strict):
     dataset: DataConfig = Field(default_factory=DataConfig)
     tasks: list[str] | None = None
     model: ModelSection = Field(default_factory=ModelSection)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
     baseline: list[str] = Field(default_factory=list, description="single-task metrics.json files or run dirs for ΔMTL")
     seed: int = 0
     deterministic: bool = False

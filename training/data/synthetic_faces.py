@@ -30,7 +30,7 @@ from functools import partial
 
 import numpy as np
 
-from training.data import render
+from training.data import render, synthetic
 from training.data.registry import DataError, DatasetInfo, DatasetSpec, register_dataset
 from training.tasks import TaskSpec
 
@@ -309,16 +309,16 @@ def render_face(rng: np.random.Generator, size: tuple[int, int],
 
 
 @register_dataset(NAME)
-def build(split: str, spec: DatasetSpec) -> tuple[render.SyntheticDataset, DatasetInfo]:
+def build(split: str, spec: DatasetSpec) -> tuple[synthetic.SyntheticDataset, DatasetInfo]:
     """Build one split of synthetic-faces (defaults: 96x96, 800/200/200 samples, preset paper)."""
-    options = render.resolve_options(NAME, spec.options, OPTIONS)
+    options = synthetic.resolve_options(NAME, spec.options, OPTIONS)
     if options["preset"] not in PRESETS:
         raise DataError(f"{NAME}: unknown preset {options['preset']!r}; choose one of {sorted(PRESETS)}")
-    size = render.resolve_size(NAME, spec, DEFAULT_SIZE)
-    length = render.resolve_length(NAME, spec, DEFAULT_LENGTHS, split)
-    tasks = render.resolve_tasks(NAME, PRESETS[options["preset"]], spec.tasks)
+    size = synthetic.resolve_size(NAME, spec, DEFAULT_SIZE)
+    length = synthetic.resolve_length(NAME, spec, DEFAULT_LENGTHS, split)
+    tasks = synthetic.resolve_tasks(NAME, PRESETS[options["preset"]], spec.tasks)
     renderer = partial(render_face, preset=options["preset"])
-    cache = render.resolve_cache(NAME, options, length, size)
-    dataset = render.SyntheticDataset(split=split, spec=spec, tasks=tasks, image_size=size, length=length,
+    cache = synthetic.resolve_cache(NAME, options, length, size)
+    dataset = synthetic.SyntheticDataset(split=split, spec=spec, tasks=tasks, image_size=size, length=length,
                                       renderer=renderer, cache=cache)
     return dataset, DatasetInfo(NAME, tasks, size)

@@ -31,7 +31,7 @@ from functools import partial
 
 import numpy as np
 
-from training.data import render
+from training.data import render, synthetic
 from training.data.registry import DatasetInfo, DatasetSpec, register_dataset
 from training.tasks import TaskSpec
 
@@ -358,16 +358,6 @@ def shadowed(scene: Scene, origin: np.ndarray, ray: np.ndarray, length: np.ndarr
     return mask
 
 
-def invalid_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """3.5-7 % invalid pixels: smooth 'specular' blobs, and in half the images a thin band at the
-    left and right borders (as in the NYU-v2 crops)."""
-    target, width = rng.uniform(0.035, 0.07), max(1, round(w / 128)) if rng.random() < 0.5 else 0
-    mask = render.blob_mask(rng, h, w, target - 2 * width / w)
-    mask[:, :width] = True
-    mask[:, w - width:] = True
-    return mask
-
-
 def render_scene(rng: np.random.Generator, size: tuple[int, int],
                  invalid_pixels: bool = True) -> dict[str, np.ndarray]:
     """One sample: image (3, H, W) and every task's target in its `training.tasks` layout."""
@@ -383,7 +373,7 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int],
     out = {"image": render.finish_image(rgb, rng, blur=0.3), "segmentation": label,
            "depth": t[None].astype(np.float32), "normal": normal.astype(np.float32)}
     if invalid_pixels:
-        bad = invalid_mask(rng, h, w)
+        bad = render.invalid_mask(rng, h, w)
         out["segmentation"][bad] = -1
         out["depth"][:, bad] = 0.0
         out["normal"][:, bad] = 0.0
@@ -391,15 +381,15 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int],
 
 
 @register_dataset(NAME)
-def build(split: str, spec: DatasetSpec) -> tuple[render.SyntheticDataset, DatasetInfo]:
+def build(split: str, spec: DatasetSpec) -> tuple[synthetic.SyntheticDataset, DatasetInfo]:
     """Build one split of synthetic-scenes (defaults: 96x128, 800/200/200 samples)."""
-    options = render.resolve_options(NAME, spec.options, OPTIONS)
-    render.require_bool(NAME, options, "invalid_pixels")
-    size = render.resolve_size(NAME, spec, DEFAULT_SIZE)
-    length = render.resolve_length(NAME, spec, DEFAULT_LENGTHS, split)
-    tasks = render.resolve_tasks(NAME, TASKS, spec.tasks)
+    options = synthetic.resolve_options(NAME, spec.options, OPTIONS)
+    synthetic.require_bool(NAME, options, "invalid_pixels")
+    size = synthetic.resolve_size(NAME, spec, DEFAULT_SIZE)
+    length = synthetic.resolve_length(NAME, spec, DEFAULT_LENGTHS, split)
+    tasks = synthetic.resolve_tasks(NAME, TASKS, spec.tasks)
     renderer = partial(render_scene, invalid_pixels=options["invalid_pixels"])
-    cache = render.resolve_cache(NAME, options, length, size)
-    dataset = render.SyntheticDataset(split=split, spec=spec, tasks=tasks, image_size=size, length=length,
+    cache = synthetic.resolve_cache(NAME, options, length, size)
+    dataset = synthetic.SyntheticDataset(split=split, spec=spec, tasks=tasks, image_size=size, length=length,
                                       renderer=renderer, cache=cache)
     return dataset, DatasetInfo(NAME, tasks, size)
