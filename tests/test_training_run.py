@@ -68,7 +68,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     common = [*TINY, "--epochs", "2", "--deterministic", "--checkpoint-every", "1", "--seed", "5",
-              "--task-weighting", "uncertainty"]
+              "--task-weighting", "uncertainty", "--lam", "2"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert _run_cli([*common, "--out", str(ref)]).returncode == 0
     # 3 batches per epoch, a checkpoint after every step: the kill right after step 5 (batch 2 of
@@ -88,12 +88,13 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
 
 def test_two_process_ddp_reduces_metrics_exactly(tmp_path):
     out = tmp_path / "ddp"
-    proc = _run_cli([*TINY, "--epochs", "2", "--out", str(out), "--task-weighting", "uncertainty"],
+    proc = _run_cli([*TINY, "--epochs", "2", "--out", str(out), "--task-weighting", "uncertainty", "--lam", "30"],
                     launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     hist = (out / "history.jsonl").read_text().splitlines()
     assert len(hist) == 2
+    assert json.loads((out / "sparsity.json").read_text())["groups_zero"] > 0  # ranks agreed on these zeros
     # Evaluate the same checkpoint in one process: the two-rank reduction must give the same numbers.
     cfg = RunConfig.model_validate(yaml.safe_load((out / "config.yaml").read_text()))
     run = build_run(cfg, out, DistInfo(), torch.device("cpu"))
@@ -151,3 +152,34 @@ def test_delta_mtl_against_single_task_baselines(tmp_path):
     assert metrics["delta_mtl"] == pytest.approx(delta_mtl(metrics["tasks"], metrics["baseline"]["tasks"], tasks))
     assert metrics["baseline"]["tasks"]["depth"]["abs_err"] == json.loads(
         (runs["depth"] / "metrics.json").read_text())["tasks"]["depth"]["abs_err"]
+
+
+@pytest.mark.parametrize("mode", ["proximal", "penalty"])
+def test_group_sparsity_run_reports_zero_groups(tmp_path, mode):
+    out = tmp_path / mode
+    lam = {"proximal": "30", "penalty": "1"}[mode]
+    # plain SGD on the penalty oscillates around zero within about lr·λ·sqrt(|g|): the tolerance
+    # at the end decides which groups count as (and are set to) zero.
+    extra = ["--optimizer", "sgd", "--lr", "0.01", "--set", "optim.momentum=0",
+             "--set", "sparsity.tolerance=0.1"] if mode == "penalty" else []
+    assert main([*TINY, "--epochs", "2", "--lam", lam, "--sparsity-mode", mode, "--out", str(out), *extra]) == 0
+    report = json.loads((out / "sparsity.json").read_text())
+    assert report["lambda"] == float(lam) and report["reg_mode"] == mode
+    if mode == "penalty":
+        assert report["finalized_groups"] == report["groups_zero"]  # none were exactly zero before
+    assert 0 < report["groups_zero"] <= report["groups_total"]
+    assert report["compact_macs"] < report["dense_macs"]
+    assert (out / "sparsity.png").stat().st_size > 0
+    # the zeros are real: the evaluated weights hold exactly-zero producer filters
+    weights = load_checkpoint(out / "checkpoint-final.pt")["states"]["model"]
+    convs = [w for k, w in weights.items() if k.startswith("encoder.") and k.endswith("weight") and w.dim() == 4]
+    zero_filters = sum(int((w.flatten(1).abs().amax(1) == 0).sum()) for w in convs)
+    assert zero_filters >= report["groups_zero"]  # every zero group has at least one exactly-zero filter
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert "pct_zero_groups" in history[-1]["sparsity"]
+
+
+def test_warmup_keeps_the_model_dense(tmp_path):
+    out = tmp_path / "warm"
+    assert main([*TINY, "--epochs", "1", "--lam", "30", "--sparsity-warmup", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "sparsity.json").read_text())["groups_zero"] == 0

@@ -17,6 +17,7 @@ from training.io import atomic_torch_save
 
 LAST = "checkpoint-last.pt"
 BEST = "checkpoint-best.pt"
+FINAL = "checkpoint-final.pt"  # the evaluated weights (best, with penalty-mode groups finalised)
 
 
 class CheckpointError(ValueError):

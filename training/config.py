@@ -59,6 +59,9 @@ class TrainConfig(_Strict):
     eval_batch_size: int | None = Field(default=None, ge=1)
     task_weighting: Literal["equal", "uncertainty"] = "equal"
     early_stopping_patience: int | None = Field(default=None, ge=1)
+    select: Literal["auto", "best", "last"] = Field(
+        default="auto", description="weights evaluated at the end: best validation loss, the last epoch, or "
+        "auto (best when dense, last when sparsifying, since earlier epochs are less sparse)")
     checkpoint_every: int = Field(default=0, ge=0, description="steps between mid-epoch checkpoints; 0: epoch ends only")
     log_every: int = Field(default=20, ge=1)
 

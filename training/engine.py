@@ -15,6 +15,7 @@ from torch import nn
 from training.distributed import all_reduce_sum
 from training.losses import MultiTaskLoss
 from training.metrics import MultiTaskMetrics
+from training.sparsity import GroupLasso
 from training.tasks import TaskSpec
 
 log = logging.getLogger("training")
@@ -43,6 +44,8 @@ class StepContext:
     grad_clip: float | None = None
     log_every: int = 20
     show_progress: bool = False
+    regularizer: GroupLasso | None = None
+    epoch: int = 0
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -85,15 +88,25 @@ def train_one_epoch(step: nn.Module, loader: Iterable[dict], ctx: StepContext, d
 
 
 def _optimizer_step(step: nn.Module, batch: dict, ctx: StepContext):
+    """Forward, backward, optimizer step; then the group-lasso proximal step (or, in penalty
+    mode, the penalty was part of the loss)."""
+    reg = ctx.regularizer
     ctx.optimizer.zero_grad(set_to_none=True)
     with ctx.autocast():
         total, parts = step(batch)
-    ctx.scaler.scale(total).backward()
+    penalty = reg.loss_term(ctx.epoch) if reg is not None else None
+    objective = total if penalty is None else total + penalty
+    ctx.scaler.scale(objective).backward()
     if ctx.grad_clip is not None:
         ctx.scaler.unscale_(ctx.optimizer)
         torch.nn.utils.clip_grad_norm_(step.parameters(), ctx.grad_clip)
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    scale = ctx.scaler.get_scale() if ctx.scaler.is_enabled() else None
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
+    stepped = scale is None or ctx.scaler.get_scale() >= scale  # a lowered scale means the step was skipped
+    if reg is not None and stepped:
+        reg.after_step(lr, ctx.epoch)
     ctx.scheduler.step()
     return total, parts
 

@@ -1,5 +1,7 @@
-"""End of a run: evaluate the best checkpoint on the test split, compare it with trivial
-baselines (and single-task baselines for ΔMTL when given), write metrics.json, print the table."""
+"""End of a run: take the best checkpoint (in penalty mode, set its near-zero groups exactly to
+zero), save it as checkpoint-final.pt, evaluate it on the test split against trivial baselines
+(and single-task baselines for ΔMTL when given), write metrics.json, sparsity.json and the
+channel-survival plot, and print the tables."""
 
 from __future__ import annotations
 
@@ -10,14 +12,15 @@ from pathlib import Path
 import torch
 
 from training.baselines import evaluate_predictor, fit_trivial
-from training.checkpoint import BEST, LAST, TrainProgress
+from training.checkpoint import BEST, FINAL, LAST, TrainProgress
 from training.distributed import barrier
 from training.engine import evaluate
 from training.io import atomic_write_json
 from training.metrics import delta_mtl
 from training.models.complexity import count_macs, count_parameters
 from training.report import metrics_table
-from training.trainer import Run, load_weights, loader
+from training.sparsity import format_report, plot_survival, sparsity_report
+from training.trainer import Run, load_weights, loader, save
 
 log = logging.getLogger("training")
 
@@ -37,16 +40,19 @@ def load_baseline(paths: list[str]) -> dict[str, dict[str, float]]:
 def final_evaluation(run: Run, progress: TrainProgress) -> dict:
     """Test metrics of the best weights; writes ``metrics.json`` on rank 0 and returns its content."""
     barrier()  # rank 0 may still be writing the last epoch's checkpoints
-    best = run.run_dir / BEST
-    load_weights(run.model, best if best.exists() else run.run_dir / LAST)
+    which = _selected_checkpoint(run)
+    load_weights(run.model, run.run_dir / (BEST if which == "best" else LAST))
+    finalized = run.ctx.regularizer.finalize() if run.ctx.regularizer is not None else 0
     test_metrics, test_loss = evaluate(run.model, run.loss, loader(run, "test"), run.tasks, run.device,
                                        run.ctx.autocast)
     if not run.dist.is_main:
         return {}
+    save(run, progress, FINAL)  # the weights every number below was measured on
+    sparsity = _write_sparsity(run, finalized)
     trivial = _trivial_metrics(run)
     h, w = run.info.image_size
     result = {
-        "dataset": run.config.dataset.name, "split": "test", "checkpoint": "best" if best.exists() else "last",
+        "dataset": run.config.dataset.name, "split": "test", "checkpoint": which,
         "best_epoch": progress.best_epoch, "epochs_trained": progress.epoch, "test_loss": test_loss,
         "tasks": test_metrics, "trivial": trivial,
         "parameters": count_parameters(run.model), "macs": count_macs(run.model, (h, w)), "image_size": [h, w],
@@ -57,13 +63,33 @@ def final_evaluation(run: Run, progress: TrainProgress) -> dict:
         result["delta_mtl"] = delta_mtl(test_metrics, baseline, run.tasks)
         result["baseline"] = {"paths": run.config.baseline, "tasks": baseline}
     atomic_write_json(run.run_dir / "metrics.json", result)
-    print(f"\nTest metrics of {run.run_dir} ({result['checkpoint']} checkpoint, epoch {progress.best_epoch}) "
+    epoch = progress.best_epoch if which == "best" else progress.epoch - 1
+    print(f"\nTest metrics of {run.run_dir} ({which} checkpoint, epoch {epoch}) "
           f"against the trivial baselines (majority class, mean depth, mean normal, majority attributes):")
     print(metrics_table(run.tasks, test_metrics, trivial))
     print(f"parameters {result['parameters'] / 1e6:.2f} M, MACs {result['macs'] / 1e9:.3f} G at {h}x{w}")
+    print(format_report(sparsity))
     if "delta_mtl" in result:
         print(f"ΔMTL {result['delta_mtl']:+.2f}% against the single-task baselines {run.config.baseline}")
     return result
+
+
+def _selected_checkpoint(run: Run) -> str:
+    select = run.config.train.select
+    if select == "auto":
+        select = "last" if run.config.sparsity.lam > 0 else "best"
+    return select if (run.run_dir / BEST).exists() else "last"
+
+
+def _write_sparsity(run: Run, finalized: int) -> dict:
+    """sparsity.json and the per-layer channel-survival plot of the final weights."""
+    s = run.config.sparsity
+    report = sparsity_report(run.model, run.groupset, run.info.image_size)
+    report.update({"lambda": s.lam, "reg_mode": s.mode, "warmup_epochs": s.warmup_epochs,
+                   "finalized_groups": finalized})
+    atomic_write_json(run.run_dir / "sparsity.json", report)
+    plot_survival(report, run.run_dir / "sparsity.png")
+    return report
 
 
 @torch.no_grad()

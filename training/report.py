@@ -16,6 +16,8 @@ def log_epoch(record: dict, tasks: tuple[TaskSpec, ...], improved: bool) -> None
     for t in tasks:
         m = primary_metric(t.kind)
         parts.append(f"{t.name} {m} {record['val'][t.name][m]:.4g}")
+    if "sparsity" in record:
+        parts.append(f"zero groups {record['sparsity']['pct_zero_groups']:.1f}%")
     log.info(" | ".join(parts) + ("  (best)" if improved else ""))
 
 

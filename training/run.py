@@ -37,7 +37,8 @@ FLAG_KEYS = {
     "epochs": "train.epochs", "batch_size": "train.batch_size", "task_weighting": "train.task_weighting",
     "patience": "train.early_stopping_patience", "checkpoint_every": "train.checkpoint_every",
     "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
-    "schedule": "optim.schedule", "baseline": "baseline", "seed": "seed", "deterministic": "deterministic",
+    "schedule": "optim.schedule", "lam": "sparsity.lam", "sparsity_mode": "sparsity.mode",
+    "groups": "sparsity.groups", "sparsity_warmup": "sparsity.warmup_epochs", "baseline": "baseline", "seed": "seed", "deterministic": "deterministic",
     "device": "device", "amp": "amp", "out": "out",
 }
 RESUME_FLAGS = {"epochs", "device", "num_workers"}
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task-weighting", choices=["equal", "uncertainty"])
     g.add_argument("--patience", type=int, help="early-stopping patience in epochs (validation loss)")
     g.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps within an epoch")
+    s = p.add_argument_group("channel group sparsity of the shared encoder")
+    s.add_argument("--lam", type=float, help="group-lasso strength λ (0: dense)")
+    s.add_argument("--sparsity-mode", choices=["proximal", "penalty"])
+    s.add_argument("--groups", choices=["channel", "paper"],
+                   help="channel: zero-invariant channel groups (default); paper: one group per conv input channel")
+    s.add_argument("--sparsity-warmup", type=int, metavar="EPOCHS", help="dense epochs before sparsifying")
     g.add_argument("--baseline", nargs="+", metavar="PATH",
                    help="single-task runs (or their metrics.json) to compute ΔMTL against")
     g.add_argument("--seed", type=int)

@@ -32,9 +32,11 @@ from training.losses import MultiTaskLoss
 from training.models import create_model
 from training.models.pretrained import load_torchvision_resnet
 from training.report import log_epoch
+from training.sparsity import GroupLasso, GroupSet, build_groups, check_same_across_ranks, sparsity_report
 from training.tasks import TaskSpec
 
 log = logging.getLogger("training")
+SPARSITY_SUMMARY = ("pct_zero_groups", "pct_zero_weights", "compact_parameters", "compact_macs")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Run:
     step: nn.Module  # TrainStep, wrapped in DDP when distributed
     sampler: EpochBatchSampler
     ctx: StepContext
+    groupset: GroupSet
 
     @property
     def batches_per_epoch(self) -> int:
@@ -144,6 +147,8 @@ def build_run(cfg: RunConfig, run_dir: Path, dist: DistInfo, device: torch.devic
     tasks = info.tasks
     model = build_network(cfg, tasks).to(device)
     loss = MultiTaskLoss(tasks, cfg.train.task_weighting).to(device)
+    groupset = build_groups(model, cfg.sparsity.groups)  # before DDP wraps the model
+    regularizer = GroupLasso.from_config(groupset, cfg.sparsity) if cfg.sparsity.lam > 0 else None
     step: nn.Module = TrainStep(model, loss)
     if dist.enabled:
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
@@ -156,9 +161,10 @@ def build_run(cfg: RunConfig, run_dir: Path, dist: DistInfo, device: torch.devic
     ctx = StepContext(optimizer=optimizer, scheduler=scheduler,
                       scaler=torch.amp.GradScaler(device.type, enabled=needs_scaler), autocast=autocast,
                       grad_clip=cfg.optim.grad_clip, log_every=cfg.train.log_every,
-                      show_progress=dist.is_main and sys.stderr.isatty())
+                      show_progress=dist.is_main and sys.stderr.isatty(), regularizer=regularizer)
     return Run(config=cfg, run_dir=run_dir, device=device, dist=dist, info=info, tasks=tasks,
-               datasets=datasets, model=model, loss=loss, step=step, sampler=sampler, ctx=ctx)
+               datasets=datasets, model=model, loss=loss, step=step, sampler=sampler, ctx=ctx,
+               groupset=groupset)
 
 
 def loader(run: Run, split: str, *, shard: bool = True) -> DataLoader:
@@ -222,6 +228,7 @@ def fit(run: Run, progress: TrainProgress) -> TrainProgress:
     while progress.epoch < cfg.train.epochs and not _stopped(progress):
         epoch = progress.epoch
         run.sampler.set_epoch(epoch, progress.batch)
+        run.ctx.epoch = epoch
         _set_dataset_epoch(run.datasets["train"], epoch)
 
         def after_step(done: int) -> None:
@@ -234,6 +241,7 @@ def fit(run: Run, progress: TrainProgress) -> TrainProgress:
                                        first_batch=progress.batch, total_batches=bpe, after_step=after_step)
         metrics, val_loss = evaluate(run.model, run.loss, val_loader, run.tasks, run.device, run.ctx.autocast)
         _end_epoch(run, progress, epoch, train_losses, metrics, val_loss)
+    check_same_across_ranks(run.groupset)
     return progress
 
 
@@ -241,6 +249,9 @@ def _end_epoch(run: Run, progress: TrainProgress, epoch: int, train_losses: dict
                val_loss: float) -> None:
     record = {"epoch": epoch, "step": progress.global_step, "lr": run.ctx.optimizer.param_groups[0]["lr"],
               "train": train_losses, "val_loss": val_loss, "val": metrics}
+    if run.dist.is_main:
+        report = sparsity_report(run.model, run.groupset, run.info.image_size)
+        record["sparsity"] = {k: report[k] for k in SPARSITY_SUMMARY}
     if hasattr(run.loss, "log_vars") and run.config.train.task_weighting == "uncertainty":
         record["log_vars"] = dict(run.loss.log_vars)
     improved = val_loss < progress.best_val_loss

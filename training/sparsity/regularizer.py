@@ -1,0 +1,154 @@
+"""Group lasso on the encoder's channel groups: ``λ · Σ_g sqrt(|g|) · ‖W_g‖₂``.
+
+Two ways to apply it (``SparsityConfig.mode``):
+
+- ``proximal`` (the paper's): after every optimizer step, the group soft-threshold
+  ``W_g ← W_g · max(0, 1 − lr·λ·sqrt(|g|) / ‖W_g‖₂)``, which sets whole groups exactly to zero.
+- ``penalty``: ``penalty()`` is added to the loss; plain (sub)gradients only shrink groups towards
+  zero, so `finalize` zeroes the groups whose norm ends below ``tolerance`` before compaction.
+
+Channel-mode groups overlap (a conv weight is a producer slice of one space and a consumer slice of
+another). The proximal step computes every group's factor from the norms *before* the step and
+multiplies each weight by the factors of all groups containing it: groups under the threshold end
+exactly zero, a group that overlaps no shrinking group shrinks by exactly ``lr·λ·sqrt(|g|)``, and
+the result does not depend on the order of the spaces. Paper-mode groups are disjoint, so there
+the step is the exact proximal operator.
+
+Under DDP every rank holds the same parameters after the optimizer step, so the step yields the
+same zeros everywhere; `check_same_across_ranks` verifies that cheaply (one all-gather of a hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from training.sparsity.groups import GroupSet, zero_mask
+
+REG_MODES: tuple[str, ...] = ("proximal", "penalty")
+
+
+class GroupLasso:
+    """The regulariser over a `GroupSet`; the task heads are never touched."""
+
+    def __init__(
+        self,
+        groupset: GroupSet,
+        lam: float,
+        mode: str = "proximal",
+        warmup_epochs: int = 0,
+        tolerance: float = 1e-6,
+    ) -> None:
+        if mode not in REG_MODES:
+            raise ValueError(f"unknown sparsity mode {mode!r}; choose one of {REG_MODES}")
+        if lam < 0 or warmup_epochs < 0 or tolerance < 0:
+            raise ValueError(
+                f"lam, warmup_epochs and tolerance must be >= 0, got {lam}, {warmup_epochs}, {tolerance}"
+            )
+        self.groupset, self.lam, self.mode = groupset, float(lam), mode
+        self.warmup_epochs, self.tolerance = int(warmup_epochs), float(tolerance)
+        self._index = groupset.index()
+        sizes = torch.tensor([groupset.group_size(n) for n in self._index.keys], dtype=torch.float64)
+        self._sqrt_sizes_cpu = sizes.sqrt().repeat_interleave(torch.tensor(self._index.widths))
+        self._sqrt_sizes: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    @classmethod
+    def from_config(cls, groupset: GroupSet, config: Any) -> GroupLasso:
+        """From a `training.config.SparsityConfig` (lam, mode, warmup_epochs, tolerance)."""
+        return cls(groupset, config.lam, config.mode, config.warmup_epochs, config.tolerance)
+
+    def active(self, epoch: int) -> bool:
+        """False while ``lam`` is 0 or during warm-up (``epoch`` counts from 0)."""
+        return self.lam > 0 and epoch >= self.warmup_epochs
+
+    def penalty(self) -> Tensor:
+        """``λ Σ_g sqrt(|g|) ‖W_g‖₂``, differentiable; a zero group contributes a zero gradient."""
+        sq = self._index.reduce_flat("sumsq", differentiable=True)
+        return self.lam * (self._weights(sq) * _safe_sqrt(sq)).sum()
+
+    @torch.no_grad()
+    def proximal_step(self, lr: float) -> None:
+        """Group soft-threshold with step ``lr`` (the optimizer's current learning rate)."""
+        if self.lam == 0 or lr == 0:
+            return
+        sq = self._index.reduce_flat("sumsq")
+        threshold = self._weights(sq) * (lr * self.lam)
+        factor = (1 - threshold / sq.sqrt().clamp_min(torch.finfo(sq.dtype).tiny)).clamp_min_(0)
+        self._index.scale_(self._index.split(factor))
+
+    def loss_term(self, epoch: int) -> Tensor | None:
+        """The penalty to add to the loss this epoch (penalty mode, after warm-up), else None."""
+        return self.penalty() if self.mode == "penalty" and self.active(epoch) else None
+
+    def after_step(self, lr: float, epoch: int) -> None:
+        """Call after ``optimizer.step()``: the proximal step (proximal mode, after warm-up)."""
+        if self.mode == "proximal" and self.active(epoch):
+            self.proximal_step(lr)
+
+    @torch.no_grad()
+    def finalize(self) -> int:
+        """Set every group with ‖W_g‖₂ < tolerance exactly to zero; returns how many were not yet."""
+        norms = self._index.reduce_flat("sumsq").sqrt()
+        exact = self._index.reduce_flat("maxabs") == 0
+        small = norms < self.tolerance
+        self._index.scale_(self._index.split((~small).to(norms.dtype)))
+        return int((small & ~exact).sum())
+
+    @torch.no_grad()
+    def group_norms(self) -> dict[str, Tensor]:
+        """‖W_g‖₂ per channel of every grouped space."""
+        return {k: v.sqrt() for k, v in self._index.reduce("sumsq").items()}
+
+    def zero_mask(self) -> dict[str, Tensor]:
+        """Per grouped space: True where every weight of the group is exactly 0."""
+        return zero_mask(self.groupset)
+
+    def _weights(self, like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        if key not in self._sqrt_sizes:
+            self._sqrt_sizes[key] = self._sqrt_sizes_cpu.to(device=like.device, dtype=like.dtype)
+        return self._sqrt_sizes[key]
+
+
+def _safe_sqrt(sq: Tensor) -> Tensor:
+    """sqrt with value 0 and gradient 0 at 0 (a valid subgradient of the norm), never NaN."""
+    positive = sq > 0
+    return torch.where(positive, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
+
+
+def zero_mask_digest(mask: Mapping[str, Tensor]) -> int:
+    """A stable 63-bit hash of a zero mask (space names and bits), equal across processes."""
+    h = hashlib.sha256()
+    for name in sorted(mask):
+        bits = mask[name].detach().to("cpu", torch.bool).flatten()
+        h.update(f"{name}\0{bits.numel()}\0".encode())
+        h.update(bits.numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "big") >> 1
+
+
+def check_same_across_ranks(groupset: GroupSet) -> None:
+    """Raise RuntimeError naming the ranks whose zero groups differ; no-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    digest = zero_mask_digest(zero_mask(groupset))
+    cuda = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    mine = torch.tensor([digest], dtype=torch.int64, device=device)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    raise_if_ranks_differ([int(t.item()) for t in gathered])
+
+
+def raise_if_ranks_differ(digests: list[int]) -> None:
+    """RuntimeError listing the ranks that disagree with rank 0."""
+    bad = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if bad:
+        raise RuntimeError(
+            f"zero groups differ across ranks: ranks {bad} disagree with rank 0 (digests {digests}); "
+            "parameters have diverged (check that every rank runs the same proximal step and lr)"
+        )
