@@ -27,7 +27,7 @@ lint: venv
 	$(VENV)/bin/ruff check training serving clients tests benchmarks
 
 bench: venv
-	$(PY) benchmarks/train_throughput.py
+	$(PY) -m benchmarks.train_throughput
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

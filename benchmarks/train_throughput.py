@@ -1,8 +1,8 @@
 """Training throughput (images/s) of the CPU demo model and the paper's dilated ResNet-50 multi-task
 model, through the same model, loss and optimizer code `training.run` uses.
 
-    python benchmarks/train_throughput.py                      # both models, CPU
-    python benchmarks/train_throughput.py --models demo --steps 20 --json out.json
+    python -m benchmarks.train_throughput                      # both models, CPU
+    python -m benchmarks.train_throughput --models demo --steps 20 --json out.json
 
 One training step = forward of all task heads, the multi-task loss, backward and an AdamW step, on
 a fixed batch of synthetic-scenes samples (data loading is excluded: it is measured separately).

@@ -22,7 +22,7 @@ from training.run import main
 from training.trainer import build_run, load_weights, loader
 
 TINY = ["--dataset", "synthetic-scenes", "--encoder", "tiny", "--image-size", "32", "48",
-        "--train-samples", "24", "--val-samples", "8", "--batch-size", "8", "--lr", "0.003"]
+        "--train-samples", "24", "--val-samples", "8", "--batch-size", "8", "--lr", "0.003", "--no-export"]
 
 
 def _run_cli(args: list[str], env: dict | None = None, module: str = "training.run",
@@ -110,7 +110,7 @@ def test_same_command_on_other_data_sets(tmp_path, dataset):
     from format_fixtures import write_celebamask, write_nyuv2
 
     args = ["--dataset", dataset, "--encoder", "tiny", "--image-size", "32", "32", "--epochs", "1",
-            "--batch-size", "2", "--out", str(tmp_path / "run")]
+            "--batch-size", "2", "--out", str(tmp_path / "run"), "--no-export"]
     if dataset == "nyuv2":
         args += ["--data-root", str(write_nyuv2(tmp_path / "nyu"))]
     elif dataset == "celebamask-hq":

@@ -39,6 +39,7 @@ class ModelSection(_Strict):
     head: str | None = None
     head_width: int | None = Field(default=None, ge=1)
     pretrained: str | None = None
+    init_from: str | None = Field(default=None, description="a compact model directory to start from (fine-tuning)")
 
 
 class OptimConfig(_Strict):
@@ -64,6 +65,7 @@ class TrainConfig(_Strict):
         "auto (best when dense, last when sparsifying, since earlier epochs are less sparse)")
     checkpoint_every: int = Field(default=0, ge=0, description="steps between mid-epoch checkpoints; 0: epoch ends only")
     log_every: int = Field(default=20, ge=1)
+    export: bool = Field(default=True, description="compact and export ONNX at the end of the run")
 
 
 class SparsityConfig(_Strict):

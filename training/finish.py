@@ -92,6 +92,41 @@ def _write_sparsity(run: Run, finalized: int) -> dict:
     return report
 
 
+def package_run(run: Run) -> None:
+    """Compact the final model, export ONNX + manifest, and show size and speed against the dense
+    model (PyTorch eager and ONNX Runtime, batch 8)."""
+    from training.compact import compact_run
+    from training.compact import describe as describe_compaction
+    from training.export.__main__ import describe as describe_export
+    from training.export.__main__ import export_run
+
+    result = compact_run(run.run_dir)
+    print(describe_compaction(result))
+    report, manifest = export_run(run.run_dir)
+    print(describe_export(report, manifest))
+    print(speed_table(run, result.directory, report.path))
+
+
+def speed_table(run: Run, compact_dir: Path, compact_onnx: Path, batch: int = 8) -> str:
+    import tempfile
+
+    from training.compaction import load_compact
+    from training.export.onnx_export import export_onnx
+    from training.report import format_table
+    from training.speed import eager_ms, ort_ms
+
+    size = run.info.image_size
+    dense, small = run.model.eval().cpu(), load_compact(compact_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_onnx = export_onnx(dense, Path(tmp) / "dense.onnx", image_size=size, check_batch_sizes=(1,)).path
+        rows = [("PyTorch eager", eager_ms(dense, size, batch), eager_ms(small, size, batch)),
+                ("ONNX Runtime", ort_ms(dense_onnx, size, batch), ort_ms(compact_onnx, size, batch))]
+    macs = count_macs(dense, size) / count_macs(small, size)
+    table = [(name, f"{d:.1f}", f"{c:.1f}", f"x{d / c:.2f}", f"x{macs:.2f}") for name, d, c in rows]
+    return (f"latency at batch {batch}, {size[0]}x{size[1]} (median ms):\n"
+            + format_table(("backend", "dense", "compact", "speed-up", "MAC ratio"), table))
+
+
 @torch.no_grad()
 def _trivial_metrics(run: Run) -> dict:
     predictor = fit_trivial(run.tasks, loader(run, "train", shard=False))

@@ -2,30 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+def readable_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask). ``mkstemp`` makes 0o600,
+    which a serving container running as another user could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A temporary file next to ``path``, fsynced and renamed onto it only if the block succeeds."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp_path = Path(tmp)
+    tmp = Path(name)
     try:
-        write(tmp_path)
-        with open(tmp_path, "rb") as fh:
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+        os.chmod(tmp, readable_mode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    with staged(path) as tmp:
+        write(tmp)
 
 
 def _fsync_dir(directory: Path) -> None:

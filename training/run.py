@@ -19,11 +19,12 @@ from pathlib import Path
 
 import yaml
 
+from training.artifacts import COMPACT_DIR
 from training.checkpoint import LAST, CheckpointError, TrainProgress
 from training.config import ConfigError, RunConfig, dump_config, load_yaml, resolve_config, set_dotted
 from training.data import DataError, available_datasets
 from training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
-from training.finish import final_evaluation
+from training.finish import final_evaluation, package_run
 from training.trainer import build_run, fit, pick_device, restore
 
 log = logging.getLogger("training")
@@ -39,9 +40,10 @@ FLAG_KEYS = {
     "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
     "schedule": "optim.schedule", "lam": "sparsity.lam", "sparsity_mode": "sparsity.mode",
     "groups": "sparsity.groups", "sparsity_warmup": "sparsity.warmup_epochs", "baseline": "baseline", "seed": "seed", "deterministic": "deterministic",
-    "device": "device", "amp": "amp", "out": "out",
+    "device": "device", "amp": "amp", "out": "out", "export": "train.export",
 }
-RESUME_FLAGS = {"epochs", "device", "num_workers"}
+RESUME_FLAGS = {"epochs", "device", "num_workers", "export"}
+FINETUNE_FIXED = {"encoder", "head", "pretrained", "tasks", "dataset", "data_root", "image_size"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--finetune", metavar="RUN_DIR",
+                   help="fine-tune RUN_DIR's compact model without the regulariser (into RUN_DIR/finetune unless --out)")
     g = p.add_argument_group("common settings (each overrides the config file)")
     g.add_argument("--dataset", help=f"one of {available_datasets()}")
     g.add_argument("--data-root", help="root folder of a real data set")
@@ -86,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision on CUDA (default on)")
     g.add_argument("--out", help="run directory (default runs/latest)")
+    g.add_argument("--export", action=argparse.BooleanOptionalAction, default=None,
+                   help="compact and export ONNX + manifest at the end (default on)")
     return p
 
 
@@ -113,11 +119,30 @@ def resolve(args: argparse.Namespace) -> RunConfig:
         saved = Path(args.resume) / "config.yaml"
         extra = sorted(f for f in FLAG_KEYS if getattr(args, f) is not None and f not in RESUME_FLAGS)
         if extra or args.config or args.set:
-            raise ConfigError(f"--resume continues a run with its saved config; only --epochs, --device and "
-                              f"--num-workers may change (got {extra or '--config/--set'})")
+            raise ConfigError(f"--resume continues a run with its saved config; only --epochs, --device, "
+                              f"--num-workers and --export may change (got {extra or '--config/--set'})")
         overrides["out"] = str(args.resume)
         return resolve_config(load_yaml(saved), overrides)
+    if args.finetune:
+        return _finetune_config(args, overrides)
     return resolve_config(load_yaml(args.config) if args.config else {}, overrides)
+
+
+def _finetune_config(args: argparse.Namespace, overrides: dict) -> RunConfig:
+    """The source run's config, starting from its compact model, without the regulariser."""
+    source = Path(args.finetune)
+    fixed = sorted(f for f in FINETUNE_FIXED if getattr(args, f) is not None)
+    if fixed or args.resume:
+        raise ConfigError(f"--finetune keeps the source run's architecture, tasks and data; drop {fixed or '--resume'}")
+    if not (source / COMPACT_DIR / "config.json").is_file():
+        from training.compact import compact_run
+
+        compact_run(source)
+    overrides.setdefault("out", str(source / "finetune"))
+    set_dotted(overrides, "model.init_from", str(source / COMPACT_DIR))
+    set_dotted(overrides, "sparsity.lam", 0.0)
+    base = load_yaml(args.config) if args.config else load_yaml(source / "config.yaml")
+    return resolve_config(base, overrides)
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, dist: DistInfo) -> Path:
@@ -154,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                  ", ".join(t.name for t in run.tasks), dist.world_size, device)
         progress = fit(run, progress)
         final_evaluation(run, progress)
+        if cfg.train.export and dist.is_main:
+            package_run(run)
     except (ConfigError, DataError, CheckpointError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

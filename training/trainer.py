@@ -98,6 +98,8 @@ def build_datasets(cfg: RunConfig) -> tuple[dict[str, Dataset], DatasetInfo]:
 
 def build_network(cfg: RunConfig, tasks: tuple[TaskSpec, ...]) -> nn.Module:
     m = cfg.model
+    if m.init_from:
+        return _load_initial(m.init_from, tasks)
     kwargs = {k: v for k, v in {"head": m.head, "head_width": m.head_width}.items() if v is not None}
     model = create_model(encoder=m.encoder, tasks=tasks, name=f"{m.encoder}-{'-'.join(t.name for t in tasks)}",
                          **kwargs)
@@ -105,6 +107,18 @@ def build_network(cfg: RunConfig, tasks: tuple[TaskSpec, ...]) -> nn.Module:
         loaded = load_torchvision_resnet(model, m.pretrained)
         log.info("initialised %d encoder tensors from %s", len(loaded), m.pretrained)
     return model
+
+
+def _load_initial(directory: str, tasks: tuple[TaskSpec, ...]) -> nn.Module:
+    """A compact model to fine-tune; its tasks must be the data set's selected tasks."""
+    from training.compaction import load_compact
+
+    model = load_compact(directory)
+    if model.config.tasks != tasks:
+        raise ValueError(f"the model in {directory} predicts {[t.name for t in model.config.tasks]} but this run "
+                         f"trains {[t.name for t in tasks]}; use the same tasks and data set")
+    log.info("starting from the compact model in %s", directory)
+    return model.train()
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module, loss: nn.Module) -> torch.optim.Optimizer:

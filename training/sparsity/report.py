@@ -74,9 +74,10 @@ def _layers(groupset: GroupSet, zeros: dict[str, Tensor], alive: dict[str, Tenso
 def _compact(
     model: nn.Module, groupset: GroupSet, alive: dict[str, Tensor], macs: dict[str, int]
 ) -> tuple[int, int]:
-    """(parameters removed, MACs left) once dead channels are gone."""
+    """(parameters removed, MACs left) once dead channels are gone. A wholly dead space still keeps
+    one channel, as compaction does (a zero-width conv cannot be built)."""
     graph = groupset.graph
-    kept = {name: int(a.sum()) for name, a in alive.items()}
+    kept = {name: max(1, int(a.sum())) for name, a in alive.items()}
     saved, compact_macs = 0, sum(macs.values())
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and name in graph.conv_inputs:

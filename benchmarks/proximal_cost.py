@@ -1,0 +1,82 @@
+"""Cost of the group-lasso proximal step relative to one training step.
+
+    python -m benchmarks.proximal_cost                       # resnet50d-os8 at 288x384 and the demo model
+    python -m benchmarks.proximal_cost --device cuda         # on a GPU (synchronised timings)
+
+Target (issue: channel group sparsity): the proximal step costs at most 5% of a training step of
+the dilated ResNet-50 multi-task model. Both are timed on the same model, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from benchmarks.train_throughput import CASES, fixed_batch
+from training.engine import TrainStep
+from training.losses import MultiTaskLoss
+from training.models import create_model
+from training.sparsity import GroupLasso, build_groups
+
+
+def _timed(fn, device: torch.device, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(case_name: str, mode: str, device: torch.device, steps: int) -> dict:
+    case = CASES[case_name]
+    batch, tasks = fixed_batch(case)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    torch.manual_seed(0)
+    model = create_model(encoder=case.encoder, tasks=tasks).to(device)
+    step = TrainStep(model, MultiTaskLoss(tasks)).train()
+    opt = torch.optim.AdamW(step.parameters(), lr=1e-4)
+    reg = GroupLasso(build_groups(model, mode), lam=1e-4)
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        total, _ = step(batch)
+        total.backward()
+        opt.step()
+
+    train_step()  # warm-up (allocations, lazy init)
+    reg.proximal_step(1e-4)
+    train = statistics.median(_timed(train_step, device, steps))
+    prox = statistics.median(_timed(lambda: reg.proximal_step(1e-4), device, max(steps, 20)))
+    return {"case": case.name, "groups": mode, "batch": case.batch, "train_step_s": train, "proximal_s": prox,
+            "ratio_pct": 100 * prox / train, "n_groups": reg.groupset.num_groups}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=sorted(CASES), default=["resnet50d-os8", "demo"])
+    p.add_argument("--groups", nargs="+", choices=["channel", "paper"], default=["channel", "paper"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
+    print("| model | groups | groups (n) | batch | training step (ms) | proximal step (ms) | proximal / step |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        for mode in args.groups:
+            r = measure(name, mode, device, args.steps)
+            print(f"| {r['case']} | {r['groups']} | {r['n_groups']} | {r['batch']} | {1e3 * r['train_step_s']:.1f} | "
+                  f"{1e3 * r['proximal_s']:.2f} | {r['ratio_pct']:.2f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

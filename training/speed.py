@@ -1,0 +1,49 @@
+"""Small, honest latency measurements: median wall time after warm-up, PyTorch eager and ONNX Runtime."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def median_ms(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def example_batch(image_size: tuple[int, int], batch: int) -> torch.Tensor:
+    return torch.rand(batch, 3, *image_size, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def eager_ms(model: nn.Module, image_size: tuple[int, int], batch: int, **kw) -> float:
+    model = model.eval()
+    x = example_batch(image_size, batch)
+    return median_ms(lambda: model(x), **kw)
+
+
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_ms(path: Path, image_size: tuple[int, int], batch: int, *, threads: int | None = None, **kw) -> float:
+    session = ort_session(path, threads)
+    feed = {session.get_inputs()[0].name: example_batch(image_size, batch).numpy().astype(np.float32)}
+    return median_ms(lambda: session.run(None, feed), **kw)
