@@ -121,6 +121,16 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def apply_set_items(tree: dict, items: list[str], example: str = "train.epochs=4") -> dict:
+    """Apply ``--set KEY=VALUE`` items (VALUE parsed as YAML) to ``tree`` in place."""
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set {example}")
+        key, raw = item.split("=", 1)
+        set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -17,11 +17,17 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
-
 from training.artifacts import COMPACT_DIR
 from training.checkpoint import LAST, CheckpointError, TrainProgress
-from training.config import ConfigError, RunConfig, dump_config, load_yaml, resolve_config, set_dotted
+from training.config import (
+    ConfigError,
+    RunConfig,
+    apply_set_items,
+    dump_config,
+    load_yaml,
+    resolve_config,
+    set_dotted,
+)
 from training.data import DataError, available_datasets
 from training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from training.finish import final_evaluation, package_run
@@ -105,11 +111,7 @@ def flag_overrides(args: argparse.Namespace) -> dict:
         value = getattr(args, flag)
         if value is not None:
             set_dotted(tree, key, value)
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
-        key, raw = item.split("=", 1)
-        set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    apply_set_items(tree, args.set, "optim.lr=3e-4")
     return tree
 
 

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from training.timing import median_ms
 
-def median_ms(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+__all__ = ["eager_ms", "example_batch", "median_ms", "ort_ms", "ort_session"]
 
 
 def example_batch(image_size: tuple[int, int], batch: int) -> torch.Tensor:
