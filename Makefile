@@ -4,9 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision are pinned to the releases the project's machines install from local disk.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# The real Triton server for the integration tests: nvidia-pytriton bundles tritonserver (python
+# backend) and pins numpy<2, so it gets its own venv; onnxruntime runs inside its python-backend models.
+TRITON_VENV ?= .venv-triton
+TRITON_SPEC ?= nvidia-pytriton==0.7.0 'numpy<2' 'onnxruntime>=1.18'
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv triton-venv demo test lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -16,11 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
+triton-venv: $(TRITON_VENV)/.installed
+
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install $(TRITON_SPEC)
+	touch $@
+
 demo: venv
 	rm -rf runs/demo
 	$(PY) -m training.run --config configs/demo.yaml
 
-test: venv
+test: venv triton-venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: venv
@@ -30,4 +41,4 @@ bench: venv
 	$(PY) -m benchmarks.train_throughput
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) runs .pytest_cache

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Build a TensorRT plan on this node's GPU from the newest version of an ONNX model in a Triton
+# model repository (run inside NVIDIA's TensorRT container, which has trtexec and python3).
+#
+# Reads   $REPOSITORY/$SOURCE_MODEL/<newest version>/{model.onnx,manifest.json}
+# Writes  $OUT/model.plan and $OUT/export/{model.onnx,manifest.json} (the export the plan came from,
+#         which `python -m serving.convert $OUT/export --format tensorrt --plan $OUT/model.plan`
+#         then installs as the next version of the plan model).
+# The optimisation profile covers batch 1..$MAX_BATCH at the exported image size, as
+# serving.tensorrt_build.trtexec_args does (tests/test_convert.py checks that they agree).
+set -euo pipefail
+
+: "${REPOSITORY:?set REPOSITORY to the mounted model repository}"
+: "${SOURCE_MODEL:?set SOURCE_MODEL to the name of an onnx-format model in the repository}"
+MAX_BATCH="${MAX_BATCH:-8}"
+PRECISION="${PRECISION:-fp16}"          # fp16 or fp32
+WORKSPACE_MIB="${WORKSPACE_MIB:-1024}"
+OUT="${OUT:-/work}"
+TIMING_CACHE="${TIMING_CACHE:-$REPOSITORY/.tensorrt-timing.cache}"
+TRTEXEC="${TRTEXEC:-trtexec}"
+
+src_dir="$REPOSITORY/$SOURCE_MODEL"
+version=""
+if [ -d "$src_dir" ]; then
+  version="$(find "$src_dir" -mindepth 1 -maxdepth 1 -type d -regex '.*/[0-9]+' -printf '%f\n' | sort -n | tail -n 1)"
+fi
+if [ -z "$version" ]; then
+  echo "error: $src_dir has no version; convert the run first: python -m serving.convert RUN_DIR" \
+       "--repository $REPOSITORY --name $SOURCE_MODEL --format onnx" >&2
+  exit 1
+fi
+src="$src_dir/$version"
+for f in model.onnx manifest.json; do
+  if [ ! -f "$src/$f" ]; then
+    echo "error: $src/$f is missing; $SOURCE_MODEL must be an onnx or python model converted by serving.convert" >&2
+    exit 1
+  fi
+done
+case "$PRECISION" in fp16|fp32) ;; *) echo "error: PRECISION must be fp16 or fp32, got $PRECISION" >&2; exit 1 ;; esac
+
+mkdir -p "$OUT/export"
+cp "$src/model.onnx" "$src/manifest.json" "$OUT/export/"
+
+# --minShapes/--optShapes/--maxShapes from the manifest's tensor spec (dim 0 is the dynamic batch).
+read -r -a shape_flags < <(python3 - "$src/manifest.json" "$MAX_BATCH" <<'PY'
+import json
+import sys
+
+inputs = json.load(open(sys.argv[1]))["io_spec"]["inputs"]
+batch = int(sys.argv[2])
+
+def shapes(b):
+    return ",".join(t["name"] + ":" + "x".join(str(b if i == 0 else d) for i, d in enumerate(t["shape"]))
+                    for t in inputs)
+
+print(f"--minShapes={shapes(1)} --optShapes={shapes(batch)} --maxShapes={shapes(batch)}")
+PY
+)
+
+flags=()
+if [ "$PRECISION" = fp16 ]; then flags+=(--fp16); fi
+echo "building a TensorRT plan from $src (batch 1..$MAX_BATCH, $PRECISION)"
+"$TRTEXEC" --onnx="$OUT/export/model.onnx" --saveEngine="$OUT/model.plan" "${shape_flags[@]}" \
+  --memPoolSize=workspace:"${WORKSPACE_MIB}"M "${flags[@]}" --timingCacheFile="$TIMING_CACHE"
+test -s "$OUT/model.plan"
+echo "built $OUT/model.plan from $SOURCE_MODEL version $version"

@@ -1,0 +1,1 @@
+"""Serving: Triton model repositories from exported runs (`serving.convert`) and the gateway."""

@@ -1,0 +1,252 @@
+"""`python -m serving.convert RUN_DIR --repository model_repository --name NAME`: a Triton model
+repository from an exported run.
+
+    python -m serving.convert runs/demo --name scenes                      # onnxruntime_onnx on GPU
+    python -m serving.convert runs/demo --name scenes --format python      # CPU Triton, ONNX Runtime inside
+    python -m serving.convert runs/demo --name scenes --tensorrt-accelerator --fp16
+    python -m serving.convert runs/demo --name scenes_trt --format tensorrt --fp16   # needs TensorRT + GPU
+    python -m serving.convert model_repository/scenes/3 --name scenes_trt --format tensorrt --plan model.plan
+
+RUN_DIR is any folder holding ``model.onnx`` and ``manifest.json`` (a training run, or a version of
+an ``onnx`` model in a repository). Each call adds the next version of NAME (written to a hidden
+folder and renamed into place), rewrites ``config.pbtxt`` and the label files from the export's
+tensor spec, and with ``--keep N`` deletes all but the newest N versions. Everything is checked
+before anything is written: a run without an export, an unknown format, a name Triton would
+reject, contradictory options or a missing TensorRT end with an error and leave the repository as
+it was. The repository layout is described in `serving.repository`, the config in
+`serving.triton_config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from serving import repository as repo_layout
+from serving.tensorrt_build import (
+    BuildSettings,
+    TensorRTBuildError,
+    TensorRTMissing,
+    build_plan,
+    require_tensorrt,
+)
+from serving.triton_config import FORMATS, ServingOptions, build_config, parse_config, render
+from training.artifacts import MANIFEST_FILE, ONNX_FILE
+from training.export.manifest import load_manifest, manifest_io_spec
+from training.export.spec import ModelIOSpec
+
+log = logging.getLogger("serving")
+PYTHON_MODEL = "model.py"
+TIMING_CACHE = ".tensorrt-timing.cache"  # per repository, next to the models (Triton ignores files there)
+
+
+class ConvertError(ValueError):
+    """The run, the repository or the options cannot be converted; the message says the fix."""
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """A checked export: the ONNX graph matches the tensor spec its manifest records."""
+
+    directory: Path
+    onnx_path: Path
+    manifest: dict
+    spec: ModelIOSpec
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    model_dir: Path
+    version_dir: Path
+    config_text: str
+    removed: tuple[int, ...] = ()
+
+    @property
+    def version(self) -> int:
+        return int(self.version_dir.name)
+
+
+def load_export(run_dir: Path) -> ExportedModel:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConvertError(f"run directory {run_dir} does not exist; pass a training.run output folder")
+    missing = [f for f in (ONNX_FILE, MANIFEST_FILE) if not (run_dir / f).is_file()]
+    if missing:
+        raise ConvertError(
+            f"{run_dir} has no export ({' and '.join(missing)} missing); run `python -m training.export "
+            f"{run_dir}` first (training.run does it at the end unless --no-export)"
+        )
+    manifest = load_manifest(run_dir / MANIFEST_FILE)
+    spec = manifest_io_spec(manifest)
+    spec.check_against_onnx(run_dir / ONNX_FILE)
+    return ExportedModel(run_dir, run_dir / ONNX_FILE, manifest, spec)
+
+
+def label_files(manifest: dict) -> dict[str, tuple[str, str]]:
+    """``{output: (file name, text)}``: class names of segmentation tasks, names of attributes."""
+    files = {}
+    for task in manifest["tasks"]:
+        names = task.get("class_names") or task.get("attribute_names")
+        if names:
+            files[task["output"]] = (repo_layout.label_file(task["output"]), "".join(f"{n}\n" for n in names))
+    return files
+
+
+def convert(
+    run_dir: Path,
+    repository: Path,
+    name: str,
+    options: ServingOptions,
+    *,
+    keep: int | None = None,
+    plan: Path | None = None,
+    timing_cache: Path | None = None,
+) -> ConvertResult:
+    """Add the next version of ``name`` to ``repository``; nothing is written unless every check passes."""
+    repository = Path(repository)
+    repo_layout.validate_model_name(name)
+    export = load_export(run_dir)
+    _check_arguments(repository, options, keep, plan, timing_cache)
+    labels = label_files(export.manifest)
+    config_text = render(build_config(name, export.spec, options, {k: f for k, (f, _) in labels.items()}))
+    _check_existing_model(repository, name, options)
+    if options.format == "tensorrt" and plan is None:
+        require_tensorrt()
+    model_files = {repo_layout.CONFIG_FILE: config_text, **dict(labels.values())}
+    cache = timing_cache or repository / TIMING_CACHE
+    version_dir = _write_model(repository, name, model_files,
+                               lambda folder: STAGERS[options.format](folder, export, options, plan, cache))
+    removed = tuple(repo_layout.prune(repository, name, keep)) if keep else ()
+    return ConvertResult(repo_layout.model_dir(repository, name), version_dir, config_text, removed)
+
+
+def _write_model(repository: Path, name: str, model_files: dict[str, str], fill) -> Path:
+    """Publish a version filled by ``fill(folder)`` and the model's top-level files, in an order a
+    polling Triton can follow: for a new model the config first (Triton sees a model without
+    versions, not a version without config); for an existing one the version first, then the config."""
+    new_model = not (repo_layout.model_dir(repository, name) / repo_layout.CONFIG_FILE).exists()
+    if new_model:
+        repo_layout.write_model_files(repository, name, model_files)
+    try:
+        with repo_layout.staged_version(repository, name) as staged:
+            fill(staged.path)
+    except BaseException:
+        if new_model:  # a failed plan build leaves no half-made model behind
+            shutil.rmtree(repo_layout.model_dir(repository, name), ignore_errors=True)
+        raise
+    if not new_model:
+        repo_layout.write_model_files(repository, name, model_files)
+    return staged.final
+
+
+def _stage_onnx(folder: Path, export: ExportedModel, *_unused) -> None:
+    shutil.copy2(export.onnx_path, folder / ONNX_FILE)
+    shutil.copy2(export.directory / MANIFEST_FILE, folder / repo_layout.MANIFEST_FILE)
+
+
+def _stage_python(folder: Path, export: ExportedModel, *_unused) -> None:
+    _stage_onnx(folder, export)
+    template = resources.files("serving.python_backend").joinpath(PYTHON_MODEL)
+    (folder / PYTHON_MODEL).write_text(template.read_text())
+
+
+def _stage_tensorrt(folder: Path, export: ExportedModel, options: ServingOptions, plan: Path | None,
+                    timing_cache: Path) -> None:
+    _stage_onnx(folder, export)  # the portable artifact: plans are rebuilt from it for another GPU
+    target = folder / FORMATS["tensorrt"].model_file
+    if plan is not None:
+        shutil.copy2(plan, target)
+        return
+    settings = BuildSettings(max_batch=options.max_batch, fp16=options.fp16, timing_cache=timing_cache)
+    build_plan(export.onnx_path, target, export.spec, settings)
+
+
+STAGERS = {"onnx": _stage_onnx, "python": _stage_python, "tensorrt": _stage_tensorrt}
+
+
+def _check_arguments(repository: Path, options: ServingOptions, keep: int | None, plan: Path | None,
+                     timing_cache: Path | None) -> None:
+    if repository.exists() and not repository.is_dir():
+        raise ConvertError(f"--repository {repository} is a file; pass a folder (created when missing)")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ConvertError(f"--keep must be a positive number of versions to keep, got {keep!r}")
+    if timing_cache is not None and (options.format != "tensorrt" or plan is not None):
+        raise ConvertError("--timing-cache is for building a plan: use it with --format tensorrt, without --plan")
+    if plan is not None:
+        if options.format != "tensorrt":
+            raise ConvertError("--plan installs a prebuilt TensorRT plan: use it with --format tensorrt")
+        if not Path(plan).is_file():
+            raise ConvertError(f"--plan {plan} does not exist; build it first (see deploy/engine-builder)")
+
+
+def _check_existing_model(repository: Path, name: str, options: ServingOptions) -> None:
+    """Refuse to add a version in another format: one config serves all versions of a model."""
+    path = repo_layout.model_dir(repository, name) / repo_layout.CONFIG_FILE
+    if not path.is_file():
+        return
+    existing = parse_config(path.read_text())
+    fmt = options.model_format
+    if (existing.platform, existing.backend) != (fmt.platform, fmt.backend):
+        served = existing.platform or f"the {existing.backend} backend"
+        raise ConvertError(
+            f"model {name!r} in {repository} is served by {served}, not {fmt.platform or fmt.backend}: "
+            f"convert under another --name, or delete {path.parent} to replace it"
+        )
+
+
+def describe(result: ConvertResult, options: ServingOptions) -> str:
+    fmt = options.model_format
+    how = fmt.platform or f"{fmt.backend} backend"
+    text = (f"wrote {result.version_dir} ({how}, max batch {options.max_batch}, {options.instances} "
+            f"{options.device.upper()} instance(s)); config {result.model_dir / repo_layout.CONFIG_FILE}")
+    if result.removed:
+        text += f"; pruned versions {list(result.removed)}"
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="a folder with model.onnx and manifest.json (a training.run)")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"), help="the Triton model repository")
+    p.add_argument("--name", required=True, help="the model's name in Triton (its folder name)")
+    p.add_argument("--format", default="onnx", help=f"one of {', '.join(FORMATS)} (default onnx)")
+    p.add_argument("--fp16", action="store_true", help="FP16 TensorRT (tensorrt, or onnx with --tensorrt-accelerator)")
+    p.add_argument("--max-batch", type=int, default=8, help="max_batch_size and the largest preferred batch")
+    p.add_argument("--instances", type=int, default=1, help="model instances (copies) per device")
+    p.add_argument("--device", choices=("gpu", "cpu"), help="instance kind (default: gpu, cpu for python)")
+    p.add_argument("--keep", type=int, help="keep only the newest N versions")
+    p.add_argument("--tensorrt-accelerator", action="store_true",
+                   help="onnx: let ONNX Runtime run the graph through TensorRT on the GPU")
+    p.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batching queue delay (µs)")
+    p.add_argument("--threads", type=int, default=0, help="python: ONNX Runtime threads per instance (0: its default)")
+    p.add_argument("--no-warmup", action="store_true", help="do not declare warm-up requests")
+    p.add_argument("--plan", type=Path, help="tensorrt: install this prebuilt plan instead of building one")
+    p.add_argument("--timing-cache", type=Path, help=f"tensorrt: timing cache file (default REPOSITORY/{TIMING_CACHE})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        options = ServingOptions(format=args.format, max_batch=args.max_batch, instances=args.instances,
+                                 device=args.device, queue_delay_us=args.queue_delay_us,
+                                 tensorrt_accelerator=args.tensorrt_accelerator, fp16=args.fp16,
+                                 warmup=not args.no_warmup, intra_op_threads=args.threads)
+        result = convert(args.run_dir, args.repository, args.name, options, keep=args.keep, plan=args.plan,
+                         timing_cache=args.timing_cache)
+    except (ValueError, TensorRTMissing, TensorRTBuildError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(describe(result, options))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Triton python-backend model: runs the version's ONNX graph with ONNX Runtime on CPU.
+
+Written by ``python -m serving.convert --format python`` next to ``model.onnx`` and
+``manifest.json``. It serves CPU Triton deployments that lack the onnxruntime backend (such as the
+server bundled in ``nvidia-pytriton``). The stub process imports ``numpy`` and ``onnxruntime`` from
+the Python environment Triton runs it in.
+
+Tensor names and dtypes come from the model config (generated from the export's tensor spec), so
+this file holds no model-specific names. The python backend hands ``execute`` every request the
+dynamic batcher gathered, one by one: they are concatenated along the batch dimension, run in one
+ONNX Runtime call, and split back, so batching buys throughput here as it does in the ONNX Runtime
+backend. A failing batch answers each of its requests with the error instead of killing the stub.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_num_threads", "0") or 0)
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            os.path.join(version_dir, params.get("onnx_file", "model.onnx")),
+            options,
+            providers=["CPUExecutionProvider"],
+        )
+        self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
+        self.outputs = [t["name"] for t in config["output"]]
+        missing = sorted(set(self.outputs) - {o.name for o in self.session.get_outputs()})
+        if missing:
+            raise pb_utils.TritonModelException(
+                f"outputs {missing} of config.pbtxt are not in the ONNX graph; reconvert the run"
+            )
+
+    def execute(self, requests):
+        try:
+            feeds, sizes = self._gather(requests)
+            results = self.session.run(self.outputs, feeds)
+        except Exception as exc:  # one bad request must not take down the others' stub
+            error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
+            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        responses, start = [], 0
+        for size in sizes:
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(value[start : start + size]))
+                for name, value in zip(self.outputs, results, strict=True)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += size
+        return responses
+
+    def _gather(self, requests):
+        feeds, sizes = {}, None
+        for name, dtype in self.inputs:
+            arrays = [pb_utils.get_input_tensor_by_name(r, name).as_numpy().astype(dtype, copy=False) for r in requests]
+            feeds[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            sizes = sizes or [a.shape[0] for a in arrays]
+        return feeds, sizes
+
+    def finalize(self):
+        self.session = None

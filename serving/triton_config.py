@@ -1,0 +1,202 @@
+"""``config.pbtxt`` generated from Triton's own ``ModelConfig`` protobuf and the export's tensor spec.
+
+Writing the config by hand lets tensor names, dtypes and dims drift from the graph. Here every
+input and output comes from the same `ModelIOSpec` that named and checked the ONNX graph
+(``training/export/spec.py``), and the text is produced by ``google.protobuf.text_format`` from
+``tritonclient``'s generated ``model_config_pb2`` (a mistyped field or enum fails here, not in the
+server). `config_io_spec` maps a config back to a tensor spec, so a config can be checked against
+the graph it serves (``config_io_spec(parse_config(text)).check_against_onnx(path)``).
+
+What the generated config holds, and why:
+
+- ``max_batch_size`` and dims without the batch dimension (the graph's batch dim is dynamic);
+- dynamic batching, preferred batch sizes (powers of two up to the maximum) and a small queue
+  delay (100 µs by default: a CPU python-backend model answers in about 0.5 ms, and a 500 µs
+  delay doubles that at low load, ``shared/NOTES.md`` §4);
+- one instance group, ``KIND_GPU`` or ``KIND_CPU``, with ``--instances`` copies;
+- warm-up requests with random data at batch 1 and at the maximum, so the first user request
+  does not pay for lazy initialisation (ONNX Runtime arenas, TensorRT engine builds);
+- a version policy serving only the latest version (old versions stay on disk for roll-back until
+  ``--keep`` prunes them);
+- ``label_filename`` for segmentation classes and attribute names (files next to the config);
+- for ``onnx`` optionally the ONNX Runtime backend's TensorRT execution accelerator
+  (``precision_mode`` FP16 with ``--fp16``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from training.export.spec import DTYPES, DYNAMIC, ModelIOSpec, TensorSpec
+
+DEVICES = ("gpu", "cpu")
+_KINDS = {"gpu": mc.ModelInstanceGroup.KIND_GPU, "cpu": mc.ModelInstanceGroup.KIND_CPU}
+_TRITON_TO_DTYPE = {d.triton: name for name, d in DTYPES.items()}
+MAX_BATCH_LIMIT = 4096
+DEFAULT_WORKSPACE_BYTES = 1 << 30
+
+
+class ConfigError(ValueError):
+    """Options that Triton would reject or that contradict each other; the message says the fix."""
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    """One way to serve the exported graph: what Triton runs it with and on which devices."""
+
+    name: str
+    model_file: str  # Triton's default file name for the platform/backend
+    platform: str = ""  # a platform (onnxruntime_onnx, tensorrt_plan) ...
+    backend: str = ""  # ... or a backend (python)
+    devices: tuple[str, ...] = DEVICES
+    default_device: str = "gpu"
+
+
+FORMATS: dict[str, ModelFormat] = {
+    "onnx": ModelFormat("onnx", "model.onnx", platform="onnxruntime_onnx"),
+    "tensorrt": ModelFormat("tensorrt", "model.plan", platform="tensorrt_plan", devices=("gpu",)),
+    "python": ModelFormat("python", "model.py", backend="python", devices=("cpu",), default_device="cpu"),
+}
+
+
+def get_format(name: str) -> ModelFormat:
+    if name not in FORMATS:
+        raise ConfigError(f"unknown format {name!r}; choose one of {sorted(FORMATS)}")
+    return FORMATS[name]
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How the model is batched, placed and accelerated; refuses contradictory combinations."""
+
+    format: str = "onnx"
+    max_batch: int = 8
+    instances: int = 1
+    device: str | None = None  # None: the format's default device
+    queue_delay_us: int = 100
+    tensorrt_accelerator: bool = False  # onnx only: ONNX Runtime's TensorRT execution provider
+    fp16: bool = False  # tensorrt: FP16 kernels in the plan; onnx: the accelerator's precision
+    warmup: bool = True
+    intra_op_threads: int = 0  # python backend: ONNX Runtime threads per instance, 0 = its default
+
+    def __post_init__(self) -> None:
+        fmt = get_format(self.format)
+        _positive("--max-batch", self.max_batch, MAX_BATCH_LIMIT)
+        _positive("--instances", self.instances, 64)
+        if self.queue_delay_us < 0 or self.intra_op_threads < 0:
+            raise ConfigError("--queue-delay-us and the thread count must not be negative")
+        device = self.device or fmt.default_device
+        if device not in fmt.devices:
+            raise ConfigError(
+                f"format {fmt.name!r} runs on {'/'.join(fmt.devices)} only, not {device!r}: "
+                + ("use --format onnx for GPU serving" if fmt.name == "python" else "drop --device cpu")
+            )
+        object.__setattr__(self, "device", device)
+        if self.tensorrt_accelerator and (fmt.name != "onnx" or device != "gpu"):
+            raise ConfigError("--tensorrt-accelerator applies to --format onnx on --device gpu only")
+        if self.intra_op_threads and fmt.name != "python":
+            raise ConfigError("--threads sets ONNX Runtime's threads in the python backend: use it with --format python")
+        if self.fp16 and not (fmt.name == "tensorrt" or self.tensorrt_accelerator):
+            raise ConfigError(
+                "--fp16 sets TensorRT's precision: use it with --format tensorrt, or with --format onnx "
+                "--tensorrt-accelerator (ONNX Runtime on CPU and the python backend run FP32)"
+            )
+
+    @property
+    def model_format(self) -> ModelFormat:
+        return FORMATS[self.format]
+
+
+def preferred_batch_sizes(max_batch: int) -> list[int]:
+    """Powers of two from 2 up to ``max_batch``, and ``max_batch`` itself."""
+    sizes = [2**k for k in range(1, max_batch.bit_length()) if 2**k < max_batch]
+    return sizes + [max_batch] if max_batch > 1 else []
+
+
+def build_config(
+    name: str, spec: ModelIOSpec, options: ServingOptions, labels: dict[str, str] | None = None
+) -> mc.ModelConfig:
+    """The ``ModelConfig`` serving ``spec`` as model ``name``; ``labels`` maps output names to
+    label file names (relative to the model folder)."""
+    labels = dict(labels or {})
+    unknown = sorted(set(labels) - set(spec.output_names))
+    if unknown:
+        raise ConfigError(f"label files for {unknown}, which are not outputs ({list(spec.output_names)})")
+    fmt = options.model_format
+    config = mc.ModelConfig(name=name, platform=fmt.platform, backend=fmt.backend,
+                            max_batch_size=options.max_batch)
+    config.version_policy.latest.num_versions = 1
+    for tensor in spec.inputs:
+        config.input.add(name=tensor.name, data_type=_triton_type(tensor), dims=_dims(tensor))
+    for tensor in spec.outputs:
+        config.output.add(name=tensor.name, data_type=_triton_type(tensor), dims=_dims(tensor),
+                          label_filename=labels.get(tensor.name, ""))
+    config.dynamic_batching.preferred_batch_size.extend(preferred_batch_sizes(options.max_batch))
+    config.dynamic_batching.max_queue_delay_microseconds = options.queue_delay_us
+    config.instance_group.add(kind=_KINDS[options.device], count=options.instances)
+    if options.warmup:
+        _add_warmup(config, spec, options.max_batch)
+    if options.tensorrt_accelerator:
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters["precision_mode"] = "FP16" if options.fp16 else "FP32"
+        accelerator.parameters["max_workspace_size_bytes"] = str(DEFAULT_WORKSPACE_BYTES)
+    if fmt.name == "python":
+        config.parameters["onnx_file"].string_value = FORMATS["onnx"].model_file
+        config.parameters["intra_op_num_threads"].string_value = str(options.intra_op_threads)
+    return config
+
+
+def render(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse_config(text: str) -> mc.ModelConfig:
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ConfigError(f"not a valid Triton model config: {exc}") from exc
+
+
+def config_io_spec(config: mc.ModelConfig) -> ModelIOSpec:
+    """The tensor spec a config declares (batch dimension restored), to compare with a graph."""
+    def tensor(t) -> TensorSpec:
+        type_name = mc.DataType.Name(t.data_type)
+        if type_name not in _TRITON_TO_DTYPE:
+            raise ConfigError(f"tensor {t.name!r} has data type {type_name}, which no export produces")
+        batch = (DYNAMIC,) if config.max_batch_size > 0 else ()
+        return TensorSpec(t.name, _TRITON_TO_DTYPE[type_name], batch + tuple(t.dims))
+
+    return ModelIOSpec(inputs=tuple(map(tensor, config.input)), outputs=tuple(map(tensor, config.output)))
+
+
+def _add_warmup(config: mc.ModelConfig, spec: ModelIOSpec, max_batch: int) -> None:
+    for batch in sorted({1, max_batch}):
+        warmup = config.model_warmup.add(name=f"random_batch_{batch}", batch_size=batch, count=1)
+        for tensor in spec.inputs:
+            warmup.inputs[tensor.name].data_type = _triton_type(tensor)
+            warmup.inputs[tensor.name].dims.extend(_dims(tensor))
+            warmup.inputs[tensor.name].random_data = True
+
+
+def _triton_type(tensor: TensorSpec) -> int:
+    return mc.DataType.Value(tensor.element_type.triton)
+
+
+def _dims(tensor: TensorSpec) -> list[int]:
+    """Dims without the batch dimension, which Triton adds from max_batch_size."""
+    if not tensor.shape or tensor.shape[0] != DYNAMIC:
+        raise ConfigError(f"tensor {tensor.name!r} has shape {list(tensor.shape)}: Triton batching needs "
+                          f"a dynamic first (batch) dimension; re-export the model")
+    rest = tensor.shape[1:]
+    if DYNAMIC in rest:
+        raise ConfigError(f"tensor {tensor.name!r} has dynamic dims after the batch dimension "
+                          f"{list(tensor.shape)}; warm-up needs fixed dims, re-export at a fixed size")
+    return list(rest)
+
+
+def _positive(flag: str, value: int, limit: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ConfigError(f"{flag} must be an integer from 1 to {limit}, got {value!r}")
