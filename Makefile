@@ -10,7 +10,7 @@ TRITON_VENV ?= .venv-triton
 TRITON_SPEC ?= nvidia-pytriton==0.7.0 'numpy<2' 'onnxruntime>=1.18'
 PYTEST_ARGS ?=
 
-.PHONY: venv triton-venv demo test lint bench clean
+.PHONY: venv triton-venv demo test lint bench bench-triton clean
 
 venv: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ lint: venv
 
 bench: venv
 	$(PY) -m benchmarks.train_throughput
+
+bench-triton: venv triton-venv
+	$(PY) -m benchmarks.triton
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) runs .pytest_cache
