@@ -317,3 +317,37 @@ def test_check_same_across_two_ranks(tmp_path) -> None:
     torch.multiprocessing.spawn(_rank_worker, args=(str(tmp_path),), nprocs=2)
     for rank in (0, 1):
         assert "ranks [1] disagree" in (tmp_path / f"rank{rank}.txt").read_text()
+
+
+def test_cooldown_holds_zero_groups_and_lets_the_rest_train() -> None:
+    """In the cool-down the proximal step is off; groups zero before an optimizer step are zero
+    after it, every other weight moves exactly as the optimizer moved it."""
+    from training.config import SparsityConfig
+
+    model = _tiny()
+    gs = build_groups(model)
+    reg = GroupLasso.from_config(gs, SparsityConfig(lam=1e-3, warmup_epochs=1, cooldown_epochs=2), epochs=6)
+    assert [reg.active(e) for e in range(6)] == [False, True, True, True, False, False]
+    assert [reg.holding(e) for e in range(6)] == [False] * 4 + [True] * 2
+    space = "stages.0.0.conv1"
+    with torch.no_grad():  # zero group 0 of the block's inner channel: its producer and consumer slices
+        for s in gs.slices(space):
+            model.get_parameter(s.name).select(s.dim, 0).zero_()
+    assert reg.zero_mask()[space][0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for epoch in (3, 4):  # last sparsifying epoch, first cool-down epoch
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer.zero_grad()
+        model(torch.rand(2, 3, 32, 32))["seg"].square().mean().backward()
+        reg.before_step(epoch)
+        optimizer.step()
+        stepped = {n: p.detach().clone() for n, p in model.named_parameters()}
+        reg.after_step(0.1, epoch)
+        assert reg.zero_mask()[space][0], epoch  # zero in both phases (prox keeps a zero group zero)
+        if epoch == 4:
+            others = [n for n, p in model.named_parameters() if torch.equal(p.detach(), stepped[n])]
+            grouped = {s.name for s in gs.slices(space)}
+            assert set(before) - set(others) <= grouped  # only the held slices were touched
+            assert not reg.zero_mask()[space][1:].any()  # nothing else was zeroed
+    with pytest.raises(ValueError, match="cool-down"):
+        GroupLasso.from_config(gs, SparsityConfig(lam=1e-3, warmup_epochs=3, cooldown_epochs=3), epochs=6)

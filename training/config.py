@@ -76,6 +76,10 @@ class SparsityConfig(_Strict):
     groups: Literal["channel", "paper"] = "channel"
     warmup_epochs: int = Field(default=0, ge=0, description="epochs trained densely before sparsifying")
     tolerance: float = Field(default=1e-6, ge=0, description="penalty mode: groups with ‖W_g‖₂ below count as zero")
+    cooldown_epochs: int = Field(
+        default=0, ge=0,
+        description="last epochs trained without the regulariser, zero groups held at zero (prune, then fine-tune)",
+    )
 
 
 class RunConfig(_Strict):

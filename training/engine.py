@@ -101,6 +101,8 @@ def _optimizer_step(step: nn.Module, batch: dict, ctx: StepContext):
         ctx.scaler.unscale_(ctx.optimizer)
         torch.nn.utils.clip_grad_norm_(step.parameters(), ctx.grad_clip)
     lr = ctx.optimizer.param_groups[0]["lr"]
+    if reg is not None:
+        reg.before_step(ctx.epoch)
     scale = ctx.scaler.get_scale() if ctx.scaler.is_enabled() else None
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()

@@ -86,6 +86,7 @@ def _write_sparsity(run: Run, finalized: int) -> dict:
     s = run.config.sparsity
     report = sparsity_report(run.model, run.groupset, run.info.image_size)
     report.update({"lambda": s.lam, "reg_mode": s.mode, "warmup_epochs": s.warmup_epochs,
+                   "cooldown_epochs": s.cooldown_epochs,
                    "finalized_groups": finalized})
     atomic_write_json(run.run_dir / "sparsity.json", report)
     plot_survival(report, run.run_dir / "sparsity.png")

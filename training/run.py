@@ -45,7 +45,7 @@ FLAG_KEYS = {
     "patience": "train.early_stopping_patience", "checkpoint_every": "train.checkpoint_every",
     "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
     "schedule": "optim.schedule", "lam": "sparsity.lam", "sparsity_mode": "sparsity.mode",
-    "groups": "sparsity.groups", "sparsity_warmup": "sparsity.warmup_epochs", "baseline": "baseline", "seed": "seed", "deterministic": "deterministic",
+    "groups": "sparsity.groups", "sparsity_warmup": "sparsity.warmup_epochs", "sparsity_cooldown": "sparsity.cooldown_epochs", "baseline": "baseline", "seed": "seed", "deterministic": "deterministic",
     "device": "device", "amp": "amp", "out": "out", "export": "train.export",
 }
 RESUME_FLAGS = {"epochs", "device", "num_workers", "export"}
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--groups", choices=["channel", "paper"],
                    help="channel: zero-invariant channel groups (default); paper: one group per conv input channel")
     s.add_argument("--sparsity-warmup", type=int, metavar="EPOCHS", help="dense epochs before sparsifying")
+    s.add_argument("--sparsity-cooldown", type=int, metavar="EPOCHS",
+                   help="last epochs without the regulariser, zero groups held at zero (prune, then fine-tune)")
     g.add_argument("--baseline", nargs="+", metavar="PATH",
                    help="single-task runs (or their metrics.json) to compute ΔMTL against")
     g.add_argument("--seed", type=int)

@@ -162,7 +162,7 @@ def build_run(cfg: RunConfig, run_dir: Path, dist: DistInfo, device: torch.devic
     model = build_network(cfg, tasks).to(device)
     loss = MultiTaskLoss(tasks, cfg.train.task_weighting).to(device)
     groupset = build_groups(model, cfg.sparsity.groups)  # before DDP wraps the model
-    regularizer = GroupLasso.from_config(groupset, cfg.sparsity) if cfg.sparsity.lam > 0 else None
+    regularizer = GroupLasso.from_config(groupset, cfg.sparsity, cfg.train.epochs) if cfg.sparsity.lam > 0 else None
     step: nn.Module = TrainStep(model, loss)
     if dist.enabled:
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)

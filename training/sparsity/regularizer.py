@@ -14,6 +14,11 @@ exactly zero, a group that overlaps no shrinking group shrinks by exactly ``lr·
 the result does not depend on the order of the spaces. Paper-mode groups are disjoint, so there
 the step is the exact proximal operator.
 
+Optional cool-down (``cooldown_from``): from that epoch on the regulariser is off and the groups
+that are exactly zero are held at zero (re-zeroed after every optimizer step, from a mask read
+before it), so the last epochs fine-tune the surviving channels: prune then fine-tune in one run.
+The mask is read from the weights, so a resumed run holds the same groups without extra state.
+
 Under DDP every rank holds the same parameters after the optimizer step, so the step yields the
 same zeros everywhere; `check_same_across_ranks` verifies that cheaply (one all-gather of a hash).
 """
@@ -43,6 +48,7 @@ class GroupLasso:
         mode: str = "proximal",
         warmup_epochs: int = 0,
         tolerance: float = 1e-6,
+        cooldown_from: int | None = None,
     ) -> None:
         if mode not in REG_MODES:
             raise ValueError(f"unknown sparsity mode {mode!r}; choose one of {REG_MODES}")
@@ -52,19 +58,46 @@ class GroupLasso:
             )
         self.groupset, self.lam, self.mode = groupset, float(lam), mode
         self.warmup_epochs, self.tolerance = int(warmup_epochs), float(tolerance)
+        if cooldown_from is not None and cooldown_from <= self.warmup_epochs:
+            raise ValueError(
+                f"the cool-down starts at epoch {cooldown_from}, not after the {self.warmup_epochs} warm-up "
+                f"epochs: no epoch would be sparsified; lower sparsity.cooldown_epochs or warmup_epochs, "
+                f"or train for more epochs"
+            )
+        self.cooldown_from = cooldown_from
+        self._keep: dict[str, Tensor] | None = None
         self._index = groupset.index()
         sizes = torch.tensor([groupset.group_size(n) for n in self._index.keys], dtype=torch.float64)
         self._sqrt_sizes_cpu = sizes.sqrt().repeat_interleave(torch.tensor(self._index.widths))
         self._sqrt_sizes: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     @classmethod
-    def from_config(cls, groupset: GroupSet, config: Any) -> GroupLasso:
-        """From a `training.config.SparsityConfig` (lam, mode, warmup_epochs, tolerance)."""
-        return cls(groupset, config.lam, config.mode, config.warmup_epochs, config.tolerance)
+    def from_config(cls, groupset: GroupSet, config: Any, epochs: int | None = None) -> GroupLasso:
+        """From a `training.config.SparsityConfig` (lam, mode, warmup_epochs, tolerance,
+        cooldown_epochs: the last ``cooldown_epochs`` of ``epochs`` are the cool-down)."""
+        cooldown = getattr(config, "cooldown_epochs", 0)
+        cooldown_from = epochs - cooldown if cooldown and epochs is not None else None
+        return cls(groupset, config.lam, config.mode, config.warmup_epochs, config.tolerance, cooldown_from)
 
     def active(self, epoch: int) -> bool:
-        """False while ``lam`` is 0 or during warm-up (``epoch`` counts from 0)."""
-        return self.lam > 0 and epoch >= self.warmup_epochs
+        """False while ``lam`` is 0, during warm-up and during cool-down (``epoch`` counts from 0)."""
+        return self.lam > 0 and epoch >= self.warmup_epochs and not self.holding(epoch)
+
+    def holding(self, epoch: int) -> bool:
+        """True in the cool-down: no regulariser, zero groups held at zero."""
+        return self.lam > 0 and self.cooldown_from is not None and epoch >= self.cooldown_from
+
+    @torch.no_grad()
+    def before_step(self, epoch: int) -> None:
+        """Call before ``optimizer.step()``: in the cool-down, note which groups are zero now (in
+        penalty mode after zeroing those under the tolerance)."""
+        if not self.holding(epoch):
+            self._keep = None
+            return
+        if self.mode == "penalty":
+            self.finalize()
+        maxabs = self._index.reduce_flat("maxabs")
+        self._keep = self._index.split((maxabs != 0).to(maxabs.dtype))
 
     def penalty(self) -> Tensor:
         """``λ Σ_g sqrt(|g|) ‖W_g‖₂``, differentiable; a zero group contributes a zero gradient."""
@@ -86,9 +119,13 @@ class GroupLasso:
         return self.penalty() if self.mode == "penalty" and self.active(epoch) else None
 
     def after_step(self, lr: float, epoch: int) -> None:
-        """Call after ``optimizer.step()``: the proximal step (proximal mode, after warm-up)."""
+        """Call after ``optimizer.step()``: the proximal step (proximal mode, after warm-up), or in
+        the cool-down re-zero the groups `before_step` found zero."""
         if self.mode == "proximal" and self.active(epoch):
             self.proximal_step(lr)
+        elif self._keep is not None and self.holding(epoch):
+            with torch.no_grad():
+                self._index.scale_(self._keep)
 
     @torch.no_grad()
     def finalize(self) -> int:
