@@ -10,7 +10,7 @@ TRITON_VENV ?= .venv-triton
 TRITON_SPEC ?= nvidia-pytriton==0.7.0 'numpy<2' 'onnxruntime>=1.18'
 PYTEST_ARGS ?=
 
-.PHONY: venv triton-venv demo test lint bench bench-triton clean
+.PHONY: venv triton-venv demo test lint bench bench-triton bench-gateway proto clean
 
 venv: $(VENV)/.installed
 
@@ -42,6 +42,13 @@ bench: venv
 
 bench-triton: venv triton-venv
 	$(PY) -m benchmarks.triton
+
+bench-gateway: venv
+	$(PY) -m benchmarks.gateway
+
+# regenerate the committed gRPC/protobuf modules after editing serving/proto/parsimony/v1/*.proto
+proto: venv
+	$(PY) -m serving.proto.generate
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) runs .pytest_cache

@@ -1,0 +1,378 @@
+"""The prediction gateway against in-process ONNX Runtime, side by side, on the same model and machine.
+
+    python -m benchmarks.gateway                      # demo and resnet50d-os8 at full size (slow: minutes)
+    python -m benchmarks.gateway --quick              # tiny sizes, short runs: a smoke test
+    python -m benchmarks.gateway --markdown docs/BENCHMARKS.md --json gateway.json
+
+Models (as in `benchmarks.compaction`): ``demo`` (``tiny`` encoder, light heads, 96x128) and
+``resnet50d-os8`` (dilated ResNet-50-D, ASPP heads, 288x384), with the synthetic-scenes tasks
+(segmentation with 7 classes, depth, normals), untrained, 50 % of the encoder's channels zeroed at
+random and compacted (round_to 8), exported with its manifest into a model repository.
+
+For each model, first in this process with nothing else running:
+
+- **ORT p50, batch 1**: ``session.run`` on a float32 [1, 3, H, W] input (median of the calls);
+- **ORT best batched throughput**: images/s of ``session.run`` at batch 1, 2, 4, 8 and 16, the best;
+- each the better of ONNX Runtime with its threads spinning (its default) and without (the
+  gateway's default, see `serving.server.backend`);
+- **decode**: PIL decoding of the image as PNG and as JPEG (quality 90) plus ``preprocess``.
+
+Then the gateway (`python -m serving.server`, a subprocess, same ONNX Runtime thread count) over
+gRPC from this process:
+
+- **gateway p50, batch 1**: sequential Predict calls with a raw ``uint8 [H, W, 3]`` tensor (no
+  decode; preprocess, argmax and serialisation of every task's output included), client-measured
+  round trip, next to the server's own stage timings; a second series sends PNG bytes, whose server
+  ``decode_ms`` is reported separately;
+- **gateway throughput, concurrency 16**: 16 concurrent callers (one grpc.aio channel) send raw
+  tensors back to back; images/s over the measured window and the mean batch size the dynamic
+  batcher formed (``--max-batch 16``, ``--max-queue-delay-ms 0``).
+- **gRPC floor**: the same calls against a no-op grpc.aio server that answers with the gateway's
+  response bytes: what the loopback and Python gRPC on both ends cost, which no Python gateway
+  avoids; the gateway's own share is its p50 minus this floor.
+
+Targets (issue 6): gateway p50 <= 1.05 x ORT p50; gateway throughput >= 0.9 x ORT's best batched
+throughput. Client and server share the machine's cores, as they would on one node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import multiprocessing
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from benchmarks.compaction import CASES, sparsify
+from serving.proto.parsimony.v1 import gateway_pb2 as pb
+from serving.proto.parsimony.v1 import gateway_pb2_grpc as pb_grpc
+from serving.server.codec import preprocess
+from serving.server.grpc_service import SERVICE
+from training.io import atomic_write_json
+from training.timing import median_ms, sample_ms
+
+log = logging.getLogger("benchmarks.gateway")
+ROOT = Path(__file__).resolve().parents[1]
+P50_TARGET, THROUGHPUT_TARGET = 1.05, 0.9
+ORT_BATCHES = (1, 2, 4, 8, 16)
+MARK_BEGIN, MARK_END = "<!-- benchmarks.gateway:begin -->", "<!-- benchmarks.gateway:end -->"
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+def prepare_model(key: str, size: tuple[int, int], repo: Path, seed: int) -> Path:
+    """Build, sparsify (50 %), compact and export ``key`` into ``repo/key/1``; returns the version folder."""
+    import torch
+
+    from training.compaction import compact
+    from training.data.synthetic_scenes import TASKS
+    from training.export import export_onnx
+    from training.export.manifest import build_manifest, write_manifest
+    from training.export.spec import io_spec
+    from training.models import create_model
+
+    torch.manual_seed(0)
+    dense = create_model(encoder=CASES[key].encoder, tasks=TASKS).eval()
+    small, _ = compact(sparsify(dense, 50, seed), round_to=8)
+    version = repo / key / "1"
+    version.mkdir(parents=True)
+    report = export_onnx(small, version / "model.onnx", image_size=size, check_batch_sizes=(1,))
+    manifest = build_manifest(small, io_spec(small.config, size), image_size=size, report=report,
+                              extra={"benchmark": "benchmarks.gateway", "sparsity": 50, "round_to": 8})
+    write_manifest(version / "manifest.json", manifest)
+    return version
+
+
+def test_image(size: tuple[int, int]) -> np.ndarray:
+    """A smooth synthetic RGB image (compresses like a photo, unlike noise)."""
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rgb = np.stack([np.sin(x / 7) + np.cos(y / 5), np.sin((x + y) / 9), np.cos(x / 11 - y / 13)], axis=-1)
+    return ((rgb - rgb.min()) / np.ptp(rgb) * 255).astype(np.uint8)
+
+
+def encode(image: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+# --- in-process ONNX Runtime ----------------------------------------------------------------------
+
+
+def measure_ort(onnx_path: Path, image: np.ndarray, threads: int, args) -> dict:
+    """p50 at batch 1 and the best batched throughput, each the better of ORT with and without its
+    threads spinning (the gateway turns spinning off by default; the baseline gets its best)."""
+    x = preprocess(image)[None]
+    runs = {spinning: _measure_session(_session(onnx_path, threads, spinning), x, args) for spinning in (True, False)}
+    p50_spin = min(runs, key=lambda k: runs[k]["p50_ms"])
+    tp_spin = max(runs, key=lambda k: runs[k]["best_throughput"])
+    decode = {}
+    for fmt in ("PNG", "JPEG"):
+        data = encode(image, fmt)
+        decode[fmt] = median_ms(lambda d=data: preprocess(np.asarray(Image.open(io.BytesIO(d)))),
+                                repeats=args.calls, min_time=0.2)
+    return {"p50_ms": runs[p50_spin]["p50_ms"], "p50_spinning": p50_spin,
+            "best_throughput": runs[tp_spin]["best_throughput"], "best_batch": runs[tp_spin]["best_batch"],
+            "throughput_spinning": tp_spin, "by_spinning": {str(k): v for k, v in runs.items()}, "decode_ms": decode}
+
+
+def _session(onnx_path: Path, threads: int, spinning: bool) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def _measure_session(session: ort.InferenceSession, x: np.ndarray, args) -> dict:
+    p50 = median_ms(lambda: session.run(None, {"image": x}), repeats=args.calls, min_time=args.seconds)
+    throughput = {}
+    for batch in ORT_BATCHES:
+        xb = np.repeat(x, batch, axis=0)
+        ms = median_ms(lambda xb=xb: session.run(None, {"image": xb}), repeats=3, min_time=args.seconds / 2)
+        throughput[batch] = batch / (ms / 1e3)
+    best = max(throughput, key=throughput.get)
+    return {"p50_ms": p50, "throughput": throughput, "best_batch": best, "best_throughput": throughput[best]}
+
+
+# --- the gateway ----------------------------------------------------------------------------------
+
+
+def start_gateway(repo: Path, name: str, threads: int, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, "-m", "serving.server", "--repository", str(repo), "--model", name, "--host", "127.0.0.1",
+           "--grpc-port", "0", "--http-port", "0", "--threads", str(threads), "--max-batch", "16",
+           "--max-queue-delay-ms", "0", "--poll-interval-s", "0", "--log-level", "INFO", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        found = re.search(r"ready: .* gRPC on [^ ]+:(\d+)", line)
+        if found:
+            return proc, int(found.group(1))
+    raise RuntimeError("the gateway exited before it was ready:\n" + "".join(lines))
+
+
+def stop_gateway(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def tensor_request(name: str, image: np.ndarray) -> pb.PredictRequest:
+    return pb.PredictRequest(model=name, tensor=pb.Tensor(dtype=pb.UINT8, shape=image.shape, data=image.tobytes()))
+
+
+def measure_latency(port: int, request: pb.PredictRequest, args) -> dict:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.PredictionServiceStub(channel)
+        responses: list[pb.PredictResponse] = []
+        times = sample_ms(lambda: responses.append(stub.Predict(request)), repeats=args.calls, min_time=args.seconds)
+    responses = responses[-len(times):]
+    stages = {f: statistics.median([getattr(r.timings, f) for r in responses])
+              for f in ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms", "total_ms")}
+    return {"p50_ms": statistics.median(times), "server_ms": stages}
+
+
+async def _throughput(port: int, request: pb.PredictRequest, concurrency: int, seconds: float) -> dict:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.PredictionServiceStub(channel)
+        await asyncio.gather(*(stub.Predict(request) for _ in range(concurrency)))  # warm-up round
+        done, batches = 0, []
+        start = time.perf_counter()
+        until = start + seconds
+
+        async def caller() -> None:
+            nonlocal done
+            rounds = 0
+            while time.perf_counter() < until or rounds < 2:
+                response = await stub.Predict(request)
+                batches.append(response.timings.batch_size)
+                done, rounds = done + 1, rounds + 1
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {"images_per_s": done / elapsed, "requests": done, "mean_batch": statistics.fmean(batches)}
+
+
+def measure_gateway(repo: Path, name: str, image: np.ndarray, threads: int, args) -> dict:
+    proc, port = start_gateway(repo, name, threads, ["--ort-spinning"] if args.ort_spinning else [])
+    request = tensor_request(name, image)
+    try:
+        tensor = measure_latency(port, request, args)
+        png = measure_latency(port, pb.PredictRequest(model=name, encoded_image=encode(image, "PNG")), args)
+        throughput = asyncio.run(_throughput(port, request, args.concurrency, args.seconds))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            canned = pb_grpc.PredictionServiceStub(channel).Predict(request).SerializeToString()
+    finally:
+        stop_gateway(proc)
+    return {"tensor": tensor, "png": png, "throughput": throughput, "floor": measure_floor(canned, request, args)}
+
+
+def measure_floor(response: bytes, request: pb.PredictRequest, args) -> dict:
+    """The same calls against a no-op grpc.aio server that answers every Predict with ``response``'s
+    bytes (no parsing, no model): what Python gRPC and the loopback cost on both ends, a floor that
+    any Python gateway pays on top of the forward pass."""
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    server = context.Process(target=_echo_server, args=(response, ports), daemon=True)
+    server.start()
+    try:
+        port = ports.get(timeout=60)
+        latency = measure_latency(port, request, args)
+        throughput = asyncio.run(_throughput(port, request, args.concurrency, args.seconds))
+    finally:
+        server.terminate()
+        server.join(30)
+    return {"p50_ms": latency["p50_ms"], "requests_per_s": throughput["images_per_s"]}
+
+
+def _echo_server(response: bytes, ports) -> None:
+    async def predict(request: bytes, context) -> bytes:
+        return response
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1)])
+        handler = grpc.unary_unary_rpc_method_handler(predict, request_deserializer=None, response_serializer=None)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Predict": handler}),))
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def run_model(key: str, args) -> dict:
+    size = CASES[key].quick_size if args.quick else CASES[key].image_size
+    image = test_image(size)
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        repo = Path(tmp)
+        version = prepare_model(key, size, repo, args.seed)
+        log.info("%s %dx%d: exported, measuring ONNX Runtime in process", key, *size)
+        ort_result = measure_ort(version / "model.onnx", image, args.threads, args)
+        log.info("%s: measuring the gateway and the gRPC floor", key)
+        gateway = measure_gateway(repo, key, image, args.threads, args)
+    ort_p50, gw_p50, floor = ort_result["p50_ms"], gateway["tensor"]["p50_ms"], gateway["floor"]["p50_ms"]
+    ratios = {"p50": gw_p50 / ort_p50, "p50_without_transport": (gw_p50 - floor) / ort_p50,
+              "throughput": gateway["throughput"]["images_per_s"] / ort_result["best_throughput"]}
+    return {"model": key, "case": CASES[key].name, "image_size": list(size), "ort": ort_result, "gateway": gateway,
+            "ratios": ratios, "p50_met": ratios["p50"] <= P50_TARGET,
+            "throughput_met": ratios["throughput"] >= THROUGHPUT_TARGET}
+
+
+def _spin(spinning: bool) -> str:
+    return " (s)" if spinning else " (n)"
+
+
+def _mark(met: bool) -> str:
+    return "✓" if met else "✗"
+
+
+def report(results: list[dict], args, env: dict) -> str:
+    quick = "; **QUICK: tiny sizes, a smoke test, not the acceptance measurement**" if args.quick else ""
+    lines = [
+        f"onnxruntime {env['onnxruntime']} (CPU), {env['threads']} intra-op threads on both sides, {env['cores']} "
+        f"cores ({env['cpu']}), Python {env['python']}; gateway, client and ORT on the same machine{quick}.", "",
+        "Latency at batch 1 (sequential calls; the gateway gets a raw uint8 tensor, so no decode):", "",
+        "| model | size | ORT p50 (ms) | gateway p50 (ms) | ratio (≤ 1.05) | gRPC floor p50 (ms) | gateway − floor "
+        "(ms) | ratio without transport | server total / inference (ms) | decode PNG / JPEG in process (ms) "
+        "| PNG request p50 / server decode (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        o, g, q = r["ort"], r["gateway"], r["ratios"]
+        t, p = g["tensor"], g["png"]
+        lines.append(
+            f"| {r['model']} | {r['image_size'][0]}x{r['image_size'][1]} | {o['p50_ms']:.2f}{_spin(o['p50_spinning'])} | "
+            f"{t['p50_ms']:.2f} | "
+            f"{q['p50']:.3f} {_mark(r['p50_met'])} | {g['floor']['p50_ms']:.2f} | {t['p50_ms'] - g['floor']['p50_ms']:.2f} "
+            f"| {q['p50_without_transport']:.3f} | {t['server_ms']['total_ms']:.2f} / {t['server_ms']['inference_ms']:.2f} "
+            f"| {o['decode_ms']['PNG']:.2f} / {o['decode_ms']['JPEG']:.2f} | {p['p50_ms']:.2f} / "
+            f"{p['server_ms']['decode_ms']:.2f} |")
+    lines += ["", f"Throughput (images/s) at concurrency {args.concurrency}, dynamic batching (max batch 16, no queue "
+              f"delay) against ONNX Runtime's best batch:", "",
+              "| model | ORT best (batch) | gateway (mean batch) | ratio (≥ 0.9) | gRPC floor (requests/s) |",
+              "|---|---|---|---|---|"]
+    for r in results:
+        o, g = r["ort"], r["gateway"]
+        lines.append(f"| {r['model']} | {o['best_throughput']:.1f} (b{o['best_batch']}){_spin(o['throughput_spinning'])} | "
+                     f"{g['throughput']['images_per_s']:.1f} ({g['throughput']['mean_batch']:.1f}) | "
+                     f"{r['ratios']['throughput']:.3f} {_mark(r['throughput_met'])} | "
+                     f"{g['floor']['requests_per_s']:.0f} |")
+    lines += ["", "ORT figures are the better of its threads spinning (s) or not (n); the gateway runs without "
+              "spinning unless started with --ort-spinning. The gRPC floor is a no-op grpc.aio server answering with "
+              "the same response bytes: the transport and Python gRPC cost on both ends, which any Python gateway "
+              "pays on top of the forward pass."]
+    return "\n".join(lines) + "\n"
+
+
+def update_markdown(path: Path, section: str) -> None:
+    """Replace this benchmark's section of ``path`` (between its markers), keeping everything else."""
+    block = f"{MARK_BEGIN}\n## Prediction gateway (`python -m benchmarks.gateway`)\n\n{section}{MARK_END}\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if MARK_BEGIN in text and MARK_END in text:
+        before, rest = text.split(MARK_BEGIN, 1)
+        text = before + block + rest.split(MARK_END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gateway", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES))
+    p.add_argument("--quick", action="store_true", help="tiny image sizes and short runs: a smoke test")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="ORT intra-op threads (both sides)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--calls", type=int, default=None, help="at least this many timed calls per latency (default 200; quick 20)")
+    p.add_argument("--seconds", type=float, default=None, help="at least this long per measurement (default 10; quick 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the zeroed channels")
+    p.add_argument("--ort-spinning", action="store_true", help="start the gateway with --ort-spinning")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--markdown", help="write the table into this file's gateway section (e.g. docs/BENCHMARKS.md)")
+    args = p.parse_args(argv)
+    args.calls = args.calls if args.calls is not None else (20 if args.quick else 200)
+    args.seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 10.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("training").setLevel(logging.WARNING)
+    env = {"onnxruntime": ort.__version__, "threads": args.threads, "cores": os.cpu_count(),
+           "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    results = [run_model(key, args) for key in args.models]
+    text = report(results, args, env)
+    print(text)
+    if args.markdown:
+        update_markdown(Path(args.markdown), text)
+    if args.json:
+        atomic_write_json(Path(args.json), {"env": env, "args": vars(args), "models": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The gateway's one exception vocabulary and its one mapping to gRPC and HTTP status codes.
+
+Every failure a caller can cause or see is a `GatewayError` subclass carrying a `Code`; the gRPC
+servicer and the HTTP app both translate through `Code`, so the two protocols always agree, and
+the metrics count errors by the same code name. Anything else that escapes a handler is a bug and
+becomes INTERNAL (`as_gateway_error`), logged with its traceback, while the server keeps serving.
+
+| exception            | Code               | gRPC               | HTTP |
+|----------------------|--------------------|--------------------|------|
+| InvalidInput         | INVALID_ARGUMENT   | INVALID_ARGUMENT   | 400  |
+| UnknownTask          | INVALID_ARGUMENT   | INVALID_ARGUMENT   | 400  |
+| ImageTooLarge        | INVALID_ARGUMENT   | INVALID_ARGUMENT   | 400  |
+| MessageTooLarge      | PAYLOAD_TOO_LARGE  | INVALID_ARGUMENT   | 413  |
+| UnsupportedMediaType | UNSUPPORTED_MEDIA  | INVALID_ARGUMENT   | 415  |
+| ModelNotFound        | NOT_FOUND          | NOT_FOUND          | 404  |
+| QueueFull            | RESOURCE_EXHAUSTED | RESOURCE_EXHAUSTED | 429  |
+| DeadlineExceeded     | DEADLINE_EXCEEDED  | DEADLINE_EXCEEDED  | 504  |
+| ModelNotReady        | UNAVAILABLE        | UNAVAILABLE        | 503  |
+| ShuttingDown         | UNAVAILABLE        | UNAVAILABLE        | 503  |
+| (anything else)      | INTERNAL           | INTERNAL           | 500  |
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+import grpc
+
+log = logging.getLogger("serving.server")
+
+
+class Code(enum.Enum):
+    """A status in both protocols; ``name`` is the label the metrics use."""
+
+    OK = (grpc.StatusCode.OK, 200)
+    INVALID_ARGUMENT = (grpc.StatusCode.INVALID_ARGUMENT, 400)
+    PAYLOAD_TOO_LARGE = (grpc.StatusCode.INVALID_ARGUMENT, 413)
+    UNSUPPORTED_MEDIA = (grpc.StatusCode.INVALID_ARGUMENT, 415)  # HTTP only: a body type the gateway cannot read
+    NOT_FOUND = (grpc.StatusCode.NOT_FOUND, 404)
+    RESOURCE_EXHAUSTED = (grpc.StatusCode.RESOURCE_EXHAUSTED, 429)
+    DEADLINE_EXCEEDED = (grpc.StatusCode.DEADLINE_EXCEEDED, 504)
+    CANCELLED = (grpc.StatusCode.CANCELLED, 499)  # the client went away (nginx's 499)
+    UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, 503)
+    INTERNAL = (grpc.StatusCode.INTERNAL, 500)
+
+    @property
+    def grpc(self) -> grpc.StatusCode:
+        return self.value[0]
+
+    @property
+    def http(self) -> int:
+        return self.value[1]
+
+
+class GatewayError(Exception):
+    """Base of the vocabulary; ``str(exc)`` is the message sent to the caller."""
+
+    code = Code.INTERNAL
+
+
+class InvalidInput(GatewayError):
+    """The request itself is wrong (undecodable image, wrong size, channels or dtype, bad option)."""
+
+    code = Code.INVALID_ARGUMENT
+
+
+class UnknownTask(InvalidInput):
+    pass
+
+
+class ImageTooLarge(InvalidInput):
+    pass
+
+
+class MessageTooLarge(InvalidInput):
+    code = Code.PAYLOAD_TOO_LARGE
+
+
+class UnsupportedMediaType(InvalidInput):
+    code = Code.UNSUPPORTED_MEDIA
+
+
+class ModelNotFound(GatewayError):
+    code = Code.NOT_FOUND
+
+
+class QueueFull(GatewayError):
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(GatewayError):
+    code = Code.DEADLINE_EXCEEDED
+
+
+class ModelNotReady(GatewayError):
+    code = Code.UNAVAILABLE
+
+
+class ShuttingDown(GatewayError):
+    code = Code.UNAVAILABLE
+
+
+class ModelLoadError(RuntimeError):
+    """A model version could not be loaded (startup fails; a hot swap keeps the old version)."""
+
+
+def as_gateway_error(exc: BaseException) -> GatewayError:
+    """``exc`` itself when it is part of the vocabulary, else an INTERNAL error (logged here, once)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    log.error("internal error while serving a request", exc_info=exc)
+    return GatewayError(f"internal error ({type(exc).__name__}: {exc}); the server logged the traceback")

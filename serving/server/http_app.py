@@ -1,0 +1,260 @@
+"""HTTP front end (FastAPI): the gRPC API's operations plus health, readiness, metrics and OpenAPI.
+
+| route                              | what                                                        |
+|------------------------------------|-------------------------------------------------------------|
+| ``POST /v1/models/{name}:predict`` | body: raw ``image/png`` or ``image/jpeg``, ``multipart/form-data`` (file field ``image``), or JSON (`PredictJSON`) |
+| ``GET /v1/models``                 | the served models                                           |
+| ``GET /v1/models/{name}``          | one model: tasks, class and attribute names, input size     |
+| ``GET /healthz``                   | liveness: 200 while the process serves HTTP                 |
+| ``GET /readyz``                    | readiness: 200 once every model is loaded and warmed up, 503 while loading or draining |
+| ``GET /metrics``                   | Prometheus exposition                                       |
+| ``GET /openapi.json``, ``/docs``   | the OpenAPI schema and its browsable page                   |
+
+Prediction options: query parameters ``tasks`` (comma-separated or repeated), ``output_dtype``
+(``float32``/``float16``) and ``segmentation_probabilities`` (``true``/``false``) work with every body
+type; multipart form fields and JSON keys of the same names take precedence. A deadline can be
+given in milliseconds with the ``X-Timeout-Ms`` header. Errors are ``{"error": {"code", "message"}}``
+with the HTTP status of `serving.server.errors.Code`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable
+
+import pydantic
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from serving.server import codec
+from serving.server.errors import Code, GatewayError, InvalidInput, UnsupportedMediaType, as_gateway_error
+from serving.server.http_schemas import (
+    ErrorJSON,
+    ListModelsJSON,
+    ModelInfoJSON,
+    PredictJSON,
+    PredictResponseJSON,
+)
+from serving.server.metrics import CONTENT_TYPE
+from serving.server.service import Gateway, PredictCall, Prediction, describe_model
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
+_ERRORS = {code.http: {"model": ErrorJSON, "description": code.name} for code in Code if code.http >= 400}
+_PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "tasks": {"type": "string", "description": "comma-separated task names"},
+            "output_dtype": {"type": "string", "enum": list(codec.OUTPUT_DTYPES)},
+            "segmentation_probabilities": {"type": "boolean"}}}},
+        "application/json": {"schema": {"$ref": "#/components/schemas/PredictJSON"}},
+    },
+}
+
+
+def create_app(gateway: Gateway, readiness: Callable[[], tuple[bool, dict]]) -> FastAPI:
+    """The app; ``readiness()`` returns (ready, details) for ``/readyz``."""
+    app = FastAPI(title="parsimony prediction gateway", version="v1",
+                  description="Multi-task predictions (segmentation, depth, normals, attributes) from one forward pass.")
+
+    @app.post("/v1/models/{name}:predict", response_model=PredictResponseJSON, responses=_ERRORS,
+              openapi_extra={"requestBody": _PREDICT_BODY}, summary="Predict every (or the requested) task")
+    async def predict(name: str, request: Request) -> Response:
+        with gateway.track("http", "Predict") as tracked:
+            tracked.model = name
+            call = await _parse_predict(request, name, gateway)
+            return _json(prediction_to_json(await gateway.predict(call)))
+
+    @app.get("/v1/models", response_model=ListModelsJSON, summary="The served models")
+    async def list_models() -> Response:
+        with gateway.track("http", "ListModels"):
+            return _json({"models": [describe_model(m) for m in gateway.list_models()]})
+
+    @app.get("/v1/models/{name}", response_model=ModelInfoJSON, responses=_ERRORS, summary="One model")
+    async def get_model(name: str) -> Response:
+        with gateway.track("http", "GetModel") as tracked:
+            tracked.model = name
+            return _json(describe_model(gateway.get_model(name)))
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="Readiness: models loaded and warmed up, not draining")
+    async def readyz() -> Response:
+        ready, details = readiness()
+        return JSONResponse(details, status_code=200 if ready else Code.UNAVAILABLE.http)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        return error_response(exc)
+
+    app.openapi = _with_request_schema(app.openapi)
+    return app
+
+
+def _with_request_schema(generate: Callable[[], dict]) -> Callable[[], dict]:
+    """Add `PredictJSON` (which the predict route parses itself) to the schema's components."""
+
+    def openapi() -> dict:
+        schema = generate()  # FastAPI caches the dict it returns: amend it once
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if "PredictJSON" not in components:
+            extra = PredictJSON.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in extra.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components["PredictJSON"] = extra
+        return schema
+
+    return openapi
+
+
+def error_response(exc: BaseException) -> Response:
+    error = as_gateway_error(exc)
+    return JSONResponse({"error": {"code": error.code.name, "message": str(error)}}, status_code=error.code.http)
+
+
+def _json(body: dict) -> Response:
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+async def _parse_predict(request: Request, name: str, gateway: Gateway) -> PredictCall:
+    body = await _read_body(request, gateway)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    options = _query_options(request)
+    deadline = _deadline(request)
+    if media in IMAGE_TYPES:
+        return PredictCall(model=name, encoded=body, deadline=deadline, **options)
+    if media == "multipart/form-data":
+        encoded, form_options = await _parse_multipart(request, body)
+        return PredictCall(model=name, encoded=encoded, deadline=deadline, **{**options, **form_options})
+    if media == "application/json":
+        return _parse_json(body, name, deadline)
+    raise UnsupportedMediaType(
+        f"Content-Type {media or '(none)'!r} is not accepted; send image/png, image/jpeg, multipart/form-data "
+        f"(file field 'image') or application/json"
+    )
+
+
+async def _read_body(request: Request, gateway: Gateway) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit():
+        gateway.check_message_size(int(declared))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        gateway.check_message_size(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _deadline(request: Request) -> float | None:
+    value = request.headers.get("x-timeout-ms")
+    if value is None:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        raise InvalidInput(f"X-Timeout-Ms must be a number of milliseconds, got {value!r}") from None
+    return time.perf_counter() + ms / 1e3
+
+
+def _options(tasks: list[str], output_dtype: str | None, probabilities: str | None) -> dict:
+    options: dict = {}
+    names = tuple(n.strip() for item in tasks for n in item.split(",") if n.strip())
+    if names:
+        options["tasks"] = names
+    if output_dtype is not None:
+        options["output_dtype"] = output_dtype
+    if probabilities is not None:
+        if probabilities.lower() not in ("true", "false", "1", "0"):
+            raise InvalidInput(f"segmentation_probabilities must be true or false, got {probabilities!r}")
+        options["probabilities"] = probabilities.lower() in ("true", "1")
+    return options
+
+
+def _query_options(request: Request) -> dict:
+    q = request.query_params
+    return _options(q.getlist("tasks"), q.get("output_dtype"), q.get("segmentation_probabilities"))
+
+
+async def _parse_multipart(request: Request, body: bytes) -> tuple[bytes, dict]:
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=8).parse()
+    except MultiPartException as exc:
+        raise InvalidInput(f"the multipart body cannot be parsed ({exc.message})") from exc
+    image = form.get("image")
+    if not isinstance(image, UploadFile):
+        raise InvalidInput(f"the multipart body has no file field 'image' (fields: {sorted(form.keys())})")
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    options = _options(form.getlist("tasks"), fields.get("output_dtype"), fields.get("segmentation_probabilities"))
+    return await image.read(), options
+
+
+def _parse_json(body: bytes, name: str, deadline: float | None) -> PredictCall:
+    try:
+        req = PredictJSON.model_validate_json(body)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise InvalidInput(f"the JSON request is invalid: {problems}") from None
+    tensor = None
+    if req.tensor is not None:
+        tensor = codec.RawTensor(req.tensor.dtype, tuple(req.tensor.shape), _b64(req.tensor.data, "tensor.data"))
+    return PredictCall(model=name, encoded=None if req.image is None else _b64(req.image, "image"), tensor=tensor,
+                       tasks=tuple(req.tasks), output_dtype=req.output_dtype,
+                       probabilities=req.segmentation_probabilities, deadline=deadline)
+
+
+def _b64(text: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput(f"{field} is not valid base64 ({exc})") from None
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+def _tensor(array) -> dict:
+    return {"dtype": array.dtype.name, "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode()}
+
+
+def _task_json(out: codec.TaskOutput) -> dict:
+    if isinstance(out, codec.SegmentationOutput):
+        return {"kind": "segmentation", "class_map": _tensor(out.class_map),
+                "probabilities": None if out.probabilities is None else _tensor(out.probabilities)}
+    if isinstance(out, codec.DepthOutput):
+        return {"kind": "depth", "depth": _tensor(out.depth)}
+    if isinstance(out, codec.NormalOutput):
+        return {"kind": "normal", "normal": _tensor(out.normal)}
+    return {"kind": "attributes", "probabilities": out.probabilities}
+
+
+def prediction_to_json(p: Prediction) -> dict:
+    t = p.timings
+    return {
+        "model": p.model,
+        "model_version": p.version,
+        "outputs": {name: _task_json(out) for name, out in p.outputs.items()},
+        "timings": {"decode_ms": t.decode * 1e3, "preprocess_ms": t.preprocess * 1e3, "queue_ms": t.queue * 1e3,
+                    "inference_ms": t.inference * 1e3, "postprocess_ms": t.postprocess * 1e3,
+                    "total_ms": t.total * 1e3, "batch_size": t.batch_size},
+    }

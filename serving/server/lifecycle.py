@@ -1,0 +1,174 @@
+"""The server's life: start both front ends, load and warm up, serve, drain on SIGTERM.
+
+States: STARTING (listening, so liveness and the health service answer, but not ready: models
+load and warm up) -> READY (gRPC health SERVING, ``/readyz`` 200) -> DRAINING (on SIGTERM or
+SIGINT: health NOT_SERVING and ``/readyz`` 503 at once; after ``drain_delay`` both front ends stop
+taking new calls and wait up to ``grace_period`` for the in-flight ones, whose batches still run)
+-> STOPPED (models closed). gRPC (grpc.aio) and HTTP (uvicorn) share one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import signal
+import socket
+
+import uvicorn
+from grpc_health.v1 import health, health_pb2
+
+from serving.server import codec, grpc_service
+from serving.server.config import ServerConfig
+from serving.server.http_app import create_app
+from serving.server.metrics import GatewayMetrics
+from serving.server.models import (
+    BatchingOptions,
+    ModelManager,
+    RepositorySource,
+    RunSource,
+    repository_models,
+)
+from serving.server.service import Gateway, Limits
+
+log = logging.getLogger("serving.server")
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+def build_sources(config: ServerConfig) -> list:
+    if config.run is not None:
+        return [RunSource(config.run, config.models[0] if config.models else config.run.resolve().name)]
+    names = config.models or tuple(repository_models(config.repository))
+    if not names:
+        raise ValueError(f"model repository {config.repository} holds no model with a version; convert a run into it "
+                         f"with `python -m serving.convert RUN_DIR --repository {config.repository} --name NAME`")
+    return [RepositorySource(config.repository, name) for name in names]
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside our loop: signals are the lifecycle's to handle, not uvicorn's."""
+
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
+class GatewayServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        batching = BatchingOptions(max_batch=config.max_batch, max_delay_s=config.max_queue_delay_ms / 1e3,
+                                   max_queue=config.max_queue)
+        self.models = ModelManager(build_sources(config), self.metrics, backend=config.backend,
+                                   backend_options={"threads": config.threads, "spinning": config.ort_spinning,
+                                                    "warmup_batch_sizes": config.warmup_batch_sizes},
+                                   batching=batching, poll_interval_s=config.poll_interval_s)
+        self.gateway = Gateway(self.models, self.metrics, Limits(config.max_message_bytes, config.max_image_pixels))
+        self.health = health.aio.HealthServicer()
+        self.state = State.STARTING
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._grpc = None
+        self.app = None
+        self._http: _EmbeddedUvicorn | None = None
+        self._http_task: asyncio.Task | None = None
+        self._stopping: asyncio.Task | None = None
+
+    def readiness(self) -> tuple[bool, dict]:
+        served = {m.metadata.name: m.metadata.version for m in self.models.served()}
+        return self.state is State.READY, {"status": self.state.value, "models": served}
+
+    async def start(self) -> None:
+        """Listen on both ports, then load and warm up every model; READY when this returns."""
+        await self._set_health(NOT_SERVING)
+        try:
+            await self._start_grpc()
+            await self._start_http()
+            codec.warm_up()
+            await self.models.start()
+        except BaseException:
+            await self.stop(grace=1)  # nothing is in flight yet: returns at once
+            raise
+        self.state = State.READY
+        await self._set_health(SERVING)
+        names = ", ".join(f"{m.metadata.name} v{m.metadata.version}" for m in self.models.served())
+        log.info("ready: %s; gRPC on %s:%d, HTTP on %s:%d", names, self.config.host, self.grpc_port,
+                 self.config.host, self.http_port)
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, drain, stop."""
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: self._on_signal(s, stopped))
+        await self.start()
+        await stopped.wait()
+        await self._stopping
+
+    def _on_signal(self, sig: int, stopped: asyncio.Event) -> None:
+        log.info("received %s: draining (grace period %.1f s)", signal.Signals(sig).name, self.config.grace_period_s)
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self.stop())
+            self._stopping.add_done_callback(lambda _: stopped.set())
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: not ready at once, then stop taking calls and finish in-flight ones within ``grace``."""
+        if self.state in (State.DRAINING, State.STOPPED):
+            return
+        grace = self.config.grace_period_s if grace is None else grace
+        self.state = State.DRAINING
+        self.models.flush()
+        await self.health.enter_graceful_shutdown()
+        if self.config.drain_delay_s and grace:
+            await asyncio.sleep(self.config.drain_delay_s)
+        waits = []
+        if self._grpc is not None:
+            waits.append(self._grpc.stop(grace))
+        if self._http is not None:
+            self._http.config.timeout_graceful_shutdown = grace
+            self._http.should_exit = True
+            waits.append(self._http_task)
+        await asyncio.gather(*waits, return_exceptions=True)
+        await self.models.close()
+        self.state = State.STOPPED
+        log.info("stopped")
+
+    async def _set_health(self, status) -> None:
+        for service in ("", grpc_service.SERVICE):
+            await self.health.set(service, status)
+
+    async def _start_grpc(self) -> None:
+        self._grpc = grpc_service.build_server(self.gateway, self.health)
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(f"{host}:{self.config.grpc_port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen for gRPC on {host}:{self.config.grpc_port} ({exc}); is the port in use? "
+                          f"choose another with --grpc-port") from exc
+        await self._grpc.start()
+
+    async def _start_http(self) -> None:
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        try:
+            sock = socket.create_server((self.config.host, self.config.http_port), family=family)
+        except OSError as exc:
+            raise OSError(f"cannot listen for HTTP on {self.config.host}:{self.config.http_port} ({exc}); "
+                          f"is the port in use? choose another with --http-port") from exc
+        self.http_port = sock.getsockname()[1]
+        self.app = create_app(self.gateway, self.readiness)
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=self.config.grace_period_s)
+        self._http = _EmbeddedUvicorn(config)
+        self._http_task = asyncio.get_running_loop().create_task(self._http.serve(sockets=[sock]), name="http")
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises what stopped it
+                raise OSError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)

@@ -1,0 +1,173 @@
+"""The protocol-neutral gateway: Predict, ListModels and GetModel on domain types, instrumented once.
+
+The gRPC servicer and the HTTP app are thin: each converts its request into a `PredictCall`,
+calls `Gateway`, and converts the `Prediction` (or the `GatewayError`) back. Everything that must
+behave identically on both protocols lives here: stage timing (`predict` times decode,
+preprocess, queue, inference, postprocess and total into the stage histograms), status counting
+and the in-flight gauge (`Gateway.track`, entered around the whole handler so that errors raised
+while parsing a request are counted too), and the mapping of stray exceptions to INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from serving.server import codec
+from serving.server.errors import (
+    Code,
+    DeadlineExceeded,
+    GatewayError,
+    InvalidInput,
+    MessageTooLarge,
+    as_gateway_error,
+)
+from serving.server.metadata import ENCODINGS
+from serving.server.metrics import GatewayMetrics
+from serving.server.models import ModelManager, ServedModel
+
+
+@dataclass(frozen=True, slots=True)
+class PredictCall:
+    """One prediction request, whichever protocol carried it. Exactly one of ``encoded``/``tensor``."""
+
+    model: str
+    encoded: bytes | None = None
+    tensor: codec.RawTensor | None = None
+    tasks: tuple[str, ...] = ()
+    output_dtype: str = "float32"
+    probabilities: bool = False
+    deadline: float | None = None  # time.perf_counter() by which the caller wants the answer
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Server-side seconds per stage; ``inference`` is the whole batch's forward pass."""
+
+    decode: float
+    preprocess: float
+    queue: float
+    inference: float
+    postprocess: float
+    total: float
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    model: str
+    version: int
+    outputs: dict[str, codec.TaskOutput]
+    timings: Timings
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_message_bytes: int = 8 << 20
+    max_image_pixels: int = 4096 * 4096
+
+
+class Gateway:
+    def __init__(self, models: ModelManager, metrics: GatewayMetrics, limits: Limits = Limits()) -> None:
+        self.models = models
+        self.metrics = metrics
+        self.limits = limits
+
+    def track(self, protocol: str, method: str) -> _Tracked:
+        """``with gateway.track("grpc", "Predict") as t:`` counts the call by status code, keeps the
+        in-flight gauge, and turns any exception into a `GatewayError` (set ``t.model`` once known)."""
+        return _Tracked(self, protocol, method)
+
+    def check_message_size(self, size: int) -> None:
+        if size > self.limits.max_message_bytes:
+            raise MessageTooLarge(
+                f"the request is {size} bytes, over the server's limit of {self.limits.max_message_bytes} "
+                f"(--max-message-bytes); send a smaller image (the model's input size is enough)"
+            )
+
+    async def predict(self, call: PredictCall) -> Prediction:
+        started = time.perf_counter()
+        with self.models.lease(call.model) as model:
+            return await self._predict(model, call, started)
+
+    async def _predict(self, model: ServedModel, call: PredictCall, started: float) -> Prediction:
+        meta = model.metadata
+        tasks = codec.select_tasks(meta, call.tasks)
+        dtype = codec.output_dtype(call.output_dtype)
+        if call.encoded is not None:
+            image = codec.decode_image(call.encoded, meta, self.limits.max_image_pixels)
+            decoded = time.perf_counter()
+            x = codec.preprocess(image)
+        elif call.tensor is not None:
+            decoded = started
+            x = codec.tensor_input(call.tensor, meta, self.limits.max_image_pixels)
+        else:
+            raise InvalidInput("the request has no image: send encoded PNG/JPEG bytes or a raw tensor")
+        preprocessed = time.perf_counter()
+        if call.deadline is not None and call.deadline <= preprocessed:
+            raise DeadlineExceeded("the request's deadline passed before it reached the model queue")
+        result = await model.batcher.submit(x, [t.output for t in tasks], call.deadline)
+        inferred = time.perf_counter()
+        outputs = {t.name: codec.postprocess(t, result.outputs[t.output], dtype, call.probabilities) for t in tasks}
+        done = time.perf_counter()
+        queue = result.queue_s
+        timings = Timings(decoded - started, preprocessed - decoded, queue, inferred - preprocessed - queue,
+                          done - inferred, done - started, result.batch_size)
+        self.metrics.observe_stages(meta.name, (timings.decode, timings.preprocess, timings.queue,
+                                                timings.inference, timings.postprocess, timings.total))
+        return Prediction(meta.name, meta.version, outputs, timings)
+
+    def list_models(self) -> list[ServedModel]:
+        return self.models.served()
+
+    def get_model(self, name: str) -> ServedModel:
+        return self.models.lease(name)
+
+
+def describe_model(model: ServedModel) -> dict:
+    """A served version as both protocols describe it (the fields of ``parsimony.v1.ModelInfo``)."""
+    meta = model.metadata
+    return {
+        "name": meta.name,
+        "version": meta.version,
+        "ready": model.backend.ready,
+        "backend": model.backend.kind,
+        "input": {"height": meta.height, "width": meta.width, "channels": meta.channels, "color": "RGB",
+                  "encodings": list(ENCODINGS)},
+        "tasks": [{"name": t.name, "kind": t.kind, "channels": t.channels, "class_names": list(t.class_names),
+                   "attribute_names": list(t.attribute_names), "unit": t.unit, "semantics": t.semantics}
+                  for t in meta.tasks],
+        "max_batch_size": model.batcher.max_batch,
+        "parameters": meta.parameters,
+        "macs": meta.macs,
+    }
+
+
+class _Tracked:
+    __slots__ = ("gateway", "protocol", "method", "model", "error")
+
+    def __init__(self, gateway: Gateway, protocol: str, method: str) -> None:
+        self.gateway, self.protocol, self.method = gateway, protocol, method
+        self.model = ""
+        self.error: GatewayError | None = None
+
+    def __enter__(self) -> _Tracked:
+        self.gateway.metrics.in_flight_for(self.protocol).inc()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        metrics = self.gateway.metrics
+        metrics.in_flight_for(self.protocol).dec()
+        if exc is None:
+            code = Code.OK
+        elif isinstance(exc, asyncio.CancelledError):  # the client went away: let the cancellation unwind
+            code = Code.CANCELLED
+        else:
+            self.error = as_gateway_error(exc)
+            code = self.error.code
+        model = self.model if self.model in self.gateway.models.names else ""
+        metrics.count(self.protocol, self.method, model, code.name)
+        if self.error is not None and self.error is not exc:
+            raise self.error from exc
+        return False

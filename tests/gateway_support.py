@@ -1,0 +1,179 @@
+"""Helpers for the gateway tests: repositories from exported runs, a real server on a background event
+loop, encoded test images, free ports, and a deliberately slow backend for timing-dependent cases.
+
+`RunningGateway` starts the full `GatewayServer` (gRPC and HTTP on real loopback sockets) in this
+process on its own event loop thread, so tests use ordinary blocking clients (grpc stubs, httpx)
+and can still run coroutines on the server's loop (``gw.call(...)``), e.g. in-process ASGI calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+from PIL import Image
+
+from serving.proto.parsimony.v1 import gateway_pb2 as pb
+from serving.proto.parsimony.v1 import gateway_pb2_grpc as pb_grpc
+from serving.server.backend import BACKENDS, OnnxRuntimeBackend, register_backend
+from serving.server.config import ServerConfig
+from serving.server.lifecycle import GatewayServer
+
+RUN_FILES = ("model.onnx", "manifest.json")
+
+
+def publish_version(repo: Path, name: str, run_dir: Path, version: int, *, corrupt: bool = False) -> Path:
+    """Copy an exported run into ``repo/name/version`` atomically (staged, then renamed), as the converter does."""
+    model_dir = Path(repo) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = model_dir / f".staging-{version}"
+    staging.mkdir()
+    for file in RUN_FILES:
+        shutil.copy2(Path(run_dir) / file, staging / file)
+    if corrupt:
+        (staging / "model.onnx").write_bytes(b"not an onnx graph")
+    os.rename(staging, model_dir / str(version))
+    return model_dir / str(version)
+
+
+def image_bytes(size: tuple[int, int], fmt: str = "PNG", mode: str = "RGB", seed: int = 0) -> bytes:
+    """An encoded random image of ``size`` (H, W)."""
+    h, w = size
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def decoded(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tensor_of(message: pb.Tensor) -> np.ndarray:
+    names = {pb.FLOAT32: "<f4", pb.FLOAT16: "<f2", pb.UINT8: "u1", pb.INT32: "<i4"}
+    return np.frombuffer(message.data, names[message.dtype]).reshape(tuple(message.shape))
+
+
+@register_backend("slow-onnxruntime")
+class SlowBackend(OnnxRuntimeBackend):
+    """ONNX Runtime with added delays (class attributes, seconds) to make timing-dependent cases deterministic."""
+
+    load_delay = 0.0
+    infer_delay = 0.0
+    fail_infer = False
+
+    async def load(self) -> None:
+        await asyncio.sleep(self.load_delay)
+        await super().load()
+
+    async def infer(self, batch, outputs):
+        if self.fail_infer:
+            raise RuntimeError("injected backend failure")
+        await asyncio.sleep(self.infer_delay)
+        return await super().infer(batch, outputs)
+
+
+assert BACKENDS["slow-onnxruntime"] is SlowBackend
+
+
+class RunningGateway:
+    """A `GatewayServer` on a background event loop; ``with RunningGateway(config) as gw:``."""
+
+    def __init__(self, config: ServerConfig | None = None, *, wait_ready: bool = True, **settings) -> None:
+        defaults = {"host": "127.0.0.1", "grpc_port": 0, "http_port": 0, "threads": 1, "poll_interval_s": 0,
+                    "grace_period_s": 5}
+        self.config = config or ServerConfig(**{**defaults, **settings})
+        self.wait_ready = wait_ready
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-loop", daemon=True)
+        self.server: GatewayServer | None = None
+        self.started: asyncio.Future | None = None
+        self._channel: grpc.Channel | None = None
+
+    def call(self, coro, timeout: float = 60):
+        """Run ``coro`` on the server's loop and return its result."""
+        return self.call_soon(coro).result(timeout)
+
+    def call_soon(self, coro) -> concurrent.futures.Future:
+        """Start ``coro`` on the server's loop; the returned future holds its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def __enter__(self) -> RunningGateway:
+        self.thread.start()
+        self.server = self.call(self._make())
+        self.started = self.call_soon(self.server.start())
+        if self.wait_ready:
+            self.started.result(60)
+        else:
+            self.call(_until(lambda: self.server.http_port is not None and self.server.grpc_port is not None))
+        return self
+
+    async def _make(self) -> GatewayServer:
+        return GatewayServer(self.config)
+
+    def __exit__(self, *exc) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        try:
+            self.call(self.server.stop(grace=1))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.grpc_target)
+        return self._channel
+
+    @property
+    def stub(self) -> pb_grpc.PredictionServiceStub:
+        return pb_grpc.PredictionServiceStub(self.channel)
+
+    def http(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.http_url, timeout=30, **kw)
+
+    def asgi(self, method: str, path: str, **kw) -> httpx.Response:
+        """One request through the ASGI app in process (no socket), on the server's loop."""
+
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.server.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+                return await client.request(method, path, **kw)
+
+        return self.call(go())
+
+
+async def _until(condition, timeout: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.01)
