@@ -230,16 +230,29 @@ def acceptance(group: Sequence[Setting]) -> str:
 # --- plots ------------------------------------------------------------------------------------
 
 def _lambda_axis(ax, lams: Sequence[float]) -> Callable[[float], float]:
-    """Log λ axis with λ = 0 drawn one decade left of the smallest λ and labelled "dense"."""
+    """λ axis with λ = 0 labelled "dense": logarithmic (dense one decade left of the smallest λ)
+    when the λ values span 20× or more, else linear with dense at 0 (a fine grid stays readable)."""
     positive = sorted({x for x in lams if x > 0})
-    dense_x = positive[0] / 10 if positive else 1.0
-    ax.set_xscale("log")
-    ax.set_xticks([dense_x, *positive], ["dense", *map(format_lambda, positive)])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlim(dense_x / 2, (positive[-1] if positive else dense_x) * 2)
-    if positive:
+    log = bool(positive) and positive[-1] / positive[0] >= 20
+    if log:
+        dense_x = positive[0] / 10
+        ax.set_xscale("log")
+        ax.set_xlim(dense_x / 2, positive[-1] * 2)
         ax.axvline(math.sqrt(dense_x * positive[0]), color="0.75", ls=":", lw=1)
-    ax.set_xlabel("group-lasso λ (log scale)")
+    else:
+        dense_x = 0.0
+        top = positive[-1] if positive else 1.0
+        ax.set_xlim(-0.08 * top, top * 1.08)
+    lo, hi = ax.get_xlim()
+    where = (lambda v: math.log(v / lo) / math.log(hi / lo)) if log else (lambda v: (v - lo) / (hi - lo))
+    labels, last = ["dense"], where(dense_x)
+    for lam in positive:  # label a λ only when it is not crowded by the previous labelled one
+        keep = where(lam) - last >= 0.1
+        labels.append(format_lambda(lam) if keep else "")
+        last = where(lam) if keep else last
+    ax.set_xticks([dense_x, *positive], labels)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("group-lasso λ" + (" (log scale)" if log else ""))
     return lambda lam: lam if lam > 0 else dense_x
 
 
