@@ -11,25 +11,28 @@ random and compacted (round_to 8), exported with its manifest into a model repos
 
 For each model, first in this process with nothing else running:
 
-- **ORT p50, batch 1**: ``session.run`` on a float32 [1, 3, H, W] input (median of the calls);
 - **ORT best batched throughput**: images/s of ``session.run`` at batch 1, 2, 4, 8 and 16, the best;
-- each the better of ONNX Runtime with its threads spinning (its default) and without (the
-  gateway's default, see `serving.server.backend`);
 - **decode**: PIL decoding of the image as PNG and as JPEG (quality 90) plus ``preprocess``.
 
-Then the gateway (`python -m serving.server`, a subprocess, same ONNX Runtime thread count) over
-gRPC from this process:
+Then with the gateway (`python -m serving.server`, a subprocess, same ONNX Runtime thread count)
+running, over gRPC from this process:
 
-- **gateway p50, batch 1**: sequential Predict calls with a raw ``uint8 [H, W, 3]`` tensor (no
-  decode; preprocess, argmax and serialisation of every task's output included), client-measured
-  round trip, next to the server's own stage timings; a second series sends PNG bytes, whose server
-  ``decode_ms`` is reported separately;
+- **p50 at batch 1**, in ``--rounds`` alternating rounds (so that drift in the machine's load hits
+  both sides alike): in-process ``session.run`` on a float32 [1, 3, H, W] input, and sequential
+  gateway Predict calls with a raw ``uint8 [H, W, 3]`` tensor (no decode; preprocess, argmax and
+  serialisation of every task's output included; client-measured round trip, next to the server's
+  own stage timings). A second gateway series sends PNG bytes, whose server ``decode_ms`` is
+  reported separately. The idle gateway takes no CPU while ORT runs (no spinning threads);
 - **gateway throughput, concurrency 16**: 16 concurrent callers (one grpc.aio channel) send raw
   tensors back to back; images/s over the measured window and the mean batch size the dynamic
-  batcher formed (``--max-batch 16``, ``--max-queue-delay-ms 0``).
+  batcher formed (``--max-queue-delay-ms 0``; ``--max-batch`` set to the batch size at which ONNX
+  Runtime was fastest in process, as an operator would tune it, unless ``--max-batch`` is given).
 - **gRPC floor**: the same calls against a no-op grpc.aio server that answers with the gateway's
   response bytes: what the loopback and Python gRPC on both ends cost, which no Python gateway
   avoids; the gateway's own share is its p50 minus this floor.
+
+ONNX Runtime figures are each the better of its threads spinning (its default) and not (the
+gateway's default, see `serving.server.backend`).
 
 Targets (issue 6): gateway p50 <= 1.05 x ORT p50; gateway throughput >= 0.9 x ORT's best batched
 throughput. Client and server share the machine's cores, as they would on one node.
@@ -115,49 +118,51 @@ def encode(image: np.ndarray, fmt: str) -> bytes:
 # --- in-process ONNX Runtime ----------------------------------------------------------------------
 
 
-def measure_ort(onnx_path: Path, image: np.ndarray, threads: int, args) -> dict:
-    """p50 at batch 1 and the best batched throughput, each the better of ORT with and without its
-    threads spinning (the gateway turns spinning off by default; the baseline gets its best)."""
-    x = preprocess(image)[None]
-    runs = {spinning: _measure_session(_session(onnx_path, threads, spinning), x, args) for spinning in (True, False)}
-    p50_spin = min(runs, key=lambda k: runs[k]["p50_ms"])
-    tp_spin = max(runs, key=lambda k: runs[k]["best_throughput"])
-    decode = {}
+def ort_sessions(onnx_path: Path, threads: int) -> dict[bool, ort.InferenceSession]:
+    """ONNX Runtime with its threads spinning (its default) and without (the gateway's default):
+    the baseline is the better of the two for each figure."""
+    sessions = {}
+    for spinning in (True, False):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        sessions[spinning] = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def ort_throughput(sessions: dict[bool, ort.InferenceSession], x: np.ndarray, args) -> dict:
+    """Images/s at each batch size of `ORT_BATCHES`, for both sessions; the best of all."""
+    by_spinning = {}
+    for spinning, session in sessions.items():
+        throughput = {}
+        for batch in ORT_BATCHES:
+            xb = np.repeat(x, batch, axis=0)
+            ms = median_ms(lambda xb=xb, s=session: s.run(None, {"image": xb}), repeats=3, min_time=args.seconds / 2)
+            throughput[batch] = batch / (ms / 1e3)
+        by_spinning[spinning] = throughput
+    spinning, batch = max(((k, b) for k, t in by_spinning.items() for b in t), key=lambda kb: by_spinning[kb[0]][kb[1]])
+    return {"best_throughput": by_spinning[spinning][batch], "best_batch": batch, "throughput_spinning": spinning,
+            "throughput": {str(k): v for k, v in by_spinning.items()}}
+
+
+def decode_ms(image: np.ndarray, args) -> dict[str, float]:
+    """In-process PIL decode + preprocess of the image as PNG and as JPEG."""
+    out = {}
     for fmt in ("PNG", "JPEG"):
         data = encode(image, fmt)
-        decode[fmt] = median_ms(lambda d=data: preprocess(np.asarray(Image.open(io.BytesIO(d)))),
-                                repeats=args.calls, min_time=0.2)
-    return {"p50_ms": runs[p50_spin]["p50_ms"], "p50_spinning": p50_spin,
-            "best_throughput": runs[tp_spin]["best_throughput"], "best_batch": runs[tp_spin]["best_batch"],
-            "throughput_spinning": tp_spin, "by_spinning": {str(k): v for k, v in runs.items()}, "decode_ms": decode}
-
-
-def _session(onnx_path: Path, threads: int, spinning: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-
-def _measure_session(session: ort.InferenceSession, x: np.ndarray, args) -> dict:
-    p50 = median_ms(lambda: session.run(None, {"image": x}), repeats=args.calls, min_time=args.seconds)
-    throughput = {}
-    for batch in ORT_BATCHES:
-        xb = np.repeat(x, batch, axis=0)
-        ms = median_ms(lambda xb=xb: session.run(None, {"image": xb}), repeats=3, min_time=args.seconds / 2)
-        throughput[batch] = batch / (ms / 1e3)
-    best = max(throughput, key=throughput.get)
-    return {"p50_ms": p50, "throughput": throughput, "best_batch": best, "best_throughput": throughput[best]}
+        out[fmt] = median_ms(lambda d=data: preprocess(np.asarray(Image.open(io.BytesIO(d)))),
+                             repeats=max(args.calls, 20), min_time=0.2)
+    return out
 
 
 # --- the gateway ----------------------------------------------------------------------------------
 
 
-def start_gateway(repo: Path, name: str, threads: int, extra: list[str]) -> tuple[subprocess.Popen, int]:
+def start_gateway(repo: Path, name: str, threads: int, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "serving.server", "--repository", str(repo), "--model", name, "--host", "127.0.0.1",
-           "--grpc-port", "0", "--http-port", "0", "--threads", str(threads), "--max-batch", "16",
+           "--grpc-port", "0", "--http-port", "0", "--threads", str(threads), "--max-batch", str(max_batch),
            "--max-queue-delay-ms", "0", "--poll-interval-s", "0", "--log-level", "INFO", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines = []
@@ -186,10 +191,31 @@ def measure_latency(port: int, request: pb.PredictRequest, args) -> dict:
         stub = pb_grpc.PredictionServiceStub(channel)
         responses: list[pb.PredictResponse] = []
         times = sample_ms(lambda: responses.append(stub.Predict(request)), repeats=args.calls, min_time=args.seconds)
-    responses = responses[-len(times):]
-    stages = {f: statistics.median([getattr(r.timings, f) for r in responses])
-              for f in ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms", "total_ms")}
-    return {"p50_ms": statistics.median(times), "server_ms": stages}
+    return {"p50_ms": statistics.median(times), "server_ms": _stages(responses)}
+
+
+def alternating_latency(port: int, request: pb.PredictRequest, sessions: dict, x: np.ndarray, args) -> tuple[dict, dict]:
+    """p50 at batch 1 of in-process ONNX Runtime (both sessions) and of the gateway, measured in
+    ``args.rounds`` alternating rounds so that drift in the machine's load hits both alike."""
+    ort_times: dict[bool, list[float]] = {spinning: [] for spinning in sessions}
+    gateway_times: list[float] = []
+    responses: list[pb.PredictResponse] = []
+    per_round = dict(repeats=max(1, args.calls // args.rounds), min_time=args.seconds / args.rounds)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.PredictionServiceStub(channel)
+        for _ in range(args.rounds):
+            for spinning, session in sessions.items():
+                ort_times[spinning] += sample_ms(lambda s=session: s.run(None, {"image": x}), **per_round)
+            gateway_times += sample_ms(lambda: responses.append(stub.Predict(request)), **per_round)
+    p50 = {spinning: statistics.median(t) for spinning, t in ort_times.items()}
+    best = min(p50, key=p50.get)
+    return ({"p50_ms": p50[best], "p50_spinning": best, "p50_by_spinning": {str(k): v for k, v in p50.items()}},
+            {"p50_ms": statistics.median(gateway_times), "server_ms": _stages(responses)})
+
+
+def _stages(responses: list[pb.PredictResponse]) -> dict[str, float]:
+    return {f: statistics.median([getattr(r.timings, f) for r in responses])
+            for f in ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms", "total_ms")}
 
 
 async def _throughput(port: int, request: pb.PredictRequest, concurrency: int, seconds: float) -> dict:
@@ -213,18 +239,26 @@ async def _throughput(port: int, request: pb.PredictRequest, concurrency: int, s
     return {"images_per_s": done / elapsed, "requests": done, "mean_batch": statistics.fmean(batches)}
 
 
-def measure_gateway(repo: Path, name: str, image: np.ndarray, threads: int, args) -> dict:
-    proc, port = start_gateway(repo, name, threads, ["--ort-spinning"] if args.ort_spinning else [])
+def measure(repo: Path, name: str, image: np.ndarray, onnx_path: Path, args) -> tuple[dict, dict]:
+    """In-process ONNX Runtime and the gateway on the same model: (ORT results, gateway results)."""
+    x = preprocess(image)[None]
+    sessions = ort_sessions(onnx_path, args.threads)
+    ort_result = {**ort_throughput(sessions, x, args), "decode_ms": decode_ms(image, args)}
+    max_batch = args.max_batch or ort_result["best_batch"]
+    extra = ["--ort-spinning"] if args.ort_spinning else []
+    proc, port = start_gateway(repo, name, args.threads, max_batch, extra)
     request = tensor_request(name, image)
     try:
-        tensor = measure_latency(port, request, args)
+        ort_latency, tensor = alternating_latency(port, request, sessions, x, args)
         png = measure_latency(port, pb.PredictRequest(model=name, encoded_image=encode(image, "PNG")), args)
         throughput = asyncio.run(_throughput(port, request, args.concurrency, args.seconds))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             canned = pb_grpc.PredictionServiceStub(channel).Predict(request).SerializeToString()
     finally:
         stop_gateway(proc)
-    return {"tensor": tensor, "png": png, "throughput": throughput, "floor": measure_floor(canned, request, args)}
+    gateway = {"max_batch": max_batch, "tensor": tensor, "png": png, "throughput": throughput,
+               "floor": measure_floor(canned, request, args)}
+    return {**ort_result, **ort_latency}, gateway
 
 
 def measure_floor(response: bytes, request: pb.PredictRequest, args) -> dict:
@@ -269,10 +303,8 @@ def run_model(key: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         repo = Path(tmp)
         version = prepare_model(key, size, repo, args.seed)
-        log.info("%s %dx%d: exported, measuring ONNX Runtime in process", key, *size)
-        ort_result = measure_ort(version / "model.onnx", image, args.threads, args)
-        log.info("%s: measuring the gateway and the gRPC floor", key)
-        gateway = measure_gateway(repo, key, image, args.threads, args)
+        log.info("%s %dx%d: exported; measuring ONNX Runtime in process, the gateway and the gRPC floor", key, *size)
+        ort_result, gateway = measure(repo, key, image, version / "model.onnx", args)
     ort_p50, gw_p50, floor = ort_result["p50_ms"], gateway["tensor"]["p50_ms"], gateway["floor"]["p50_ms"]
     ratios = {"p50": gw_p50 / ort_p50, "p50_without_transport": (gw_p50 - floor) / ort_p50,
               "throughput": gateway["throughput"]["images_per_s"] / ort_result["best_throughput"]}
@@ -309,14 +341,14 @@ def report(results: list[dict], args, env: dict) -> str:
             f"| {q['p50_without_transport']:.3f} | {t['server_ms']['total_ms']:.2f} / {t['server_ms']['inference_ms']:.2f} "
             f"| {o['decode_ms']['PNG']:.2f} / {o['decode_ms']['JPEG']:.2f} | {p['p50_ms']:.2f} / "
             f"{p['server_ms']['decode_ms']:.2f} |")
-    lines += ["", f"Throughput (images/s) at concurrency {args.concurrency}, dynamic batching (max batch 16, no queue "
-              f"delay) against ONNX Runtime's best batch:", "",
-              "| model | ORT best (batch) | gateway (mean batch) | ratio (≥ 0.9) | gRPC floor (requests/s) |",
+    lines += ["", f"Throughput (images/s) at concurrency {args.concurrency}, dynamic batching (no queue delay) "
+              f"against ONNX Runtime's best batch:", "",
+              "| model | ORT best (batch) | gateway (max batch; mean batch) | ratio (≥ 0.9) | gRPC floor (requests/s) |",
               "|---|---|---|---|---|"]
     for r in results:
         o, g = r["ort"], r["gateway"]
         lines.append(f"| {r['model']} | {o['best_throughput']:.1f} (b{o['best_batch']}){_spin(o['throughput_spinning'])} | "
-                     f"{g['throughput']['images_per_s']:.1f} ({g['throughput']['mean_batch']:.1f}) | "
+                     f"{g['throughput']['images_per_s']:.1f} ({g['max_batch']}; {g['throughput']['mean_batch']:.1f}) | "
                      f"{r['ratios']['throughput']:.3f} {_mark(r['throughput_met'])} | "
                      f"{g['floor']['requests_per_s']:.0f} |")
     lines += ["", "ORT figures are the better of its threads spinning (s) or not (n); the gateway runs without "
@@ -346,15 +378,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny image sizes and short runs: a smoke test")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="ORT intra-op threads (both sides)")
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--calls", type=int, default=None, help="at least this many timed calls per latency (default 200; quick 20)")
+    p.add_argument("--calls", type=int, default=None, help="at least this many timed calls per latency (default 20; quick 5)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="the gateway's --max-batch (default: the batch size with ONNX Runtime's best throughput)")
     p.add_argument("--seconds", type=float, default=None, help="at least this long per measurement (default 10; quick 1)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="alternating rounds of ORT and gateway latency (default 3; quick 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the zeroed channels")
     p.add_argument("--ort-spinning", action="store_true", help="start the gateway with --ort-spinning")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--markdown", help="write the table into this file's gateway section (e.g. docs/BENCHMARKS.md)")
     args = p.parse_args(argv)
-    args.calls = args.calls if args.calls is not None else (20 if args.quick else 200)
+    args.calls = args.calls if args.calls is not None else (5 if args.quick else 20)
     args.seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 10.0)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if min(args.calls, args.rounds, args.concurrency, args.threads) < 1 or args.seconds <= 0:
+        p.error("--calls, --rounds, --concurrency and --threads must be positive, --seconds > 0")
     return args
 
 

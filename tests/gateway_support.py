@@ -159,6 +159,15 @@ class RunningGateway:
     def http(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.http_url, timeout=30, **kw)
 
+    def wait_for_queue(self, model: str, running: int, queued: int, timeout: float = 30) -> None:
+        """Block until ``model`` has ``running`` requests in forward passes and ``queued`` waiting."""
+
+        def reached() -> bool:
+            batcher = self.server.models.lease(model).batcher
+            return (batcher.in_batches, batcher.depth) == (running, queued)
+
+        self.call(_until(reached, timeout))
+
     def asgi(self, method: str, path: str, **kw) -> httpx.Response:
         """One request through the ASGI app in process (no socket), on the server's loop."""
 

@@ -193,9 +193,9 @@ def slow_gw(repo):
 def test_full_queue_is_resource_exhausted_at_once(slow_gw):
     request = pb.PredictRequest(model="scenes", encoded_image=BAD)
     running = slow_gw.stub.Predict.future(request, timeout=30)
-    time.sleep(0.1)
+    slow_gw.wait_for_queue("scenes", running=1, queued=0)
     queued = slow_gw.stub.Predict.future(request, timeout=30)
-    time.sleep(0.05)
+    slow_gw.wait_for_queue("scenes", running=1, queued=1)
     start = time.perf_counter()
     code, details = code_of(lambda: slow_gw.stub.Predict(request, timeout=30))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry with backoff" in details
@@ -206,7 +206,7 @@ def test_full_queue_is_resource_exhausted_at_once(slow_gw):
 def test_deadline_is_honoured_and_serving_goes_on(slow_gw):
     request = pb.PredictRequest(model="scenes", encoded_image=BAD)
     running = slow_gw.stub.Predict.future(request, timeout=30)
-    time.sleep(0.05)
+    slow_gw.wait_for_queue("scenes", running=1, queued=0)
     code, _ = code_of(lambda: slow_gw.stub.Predict(request, timeout=0.15))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     running.result()

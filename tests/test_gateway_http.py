@@ -4,7 +4,7 @@ type, the OpenAPI schema, and every error case with the status code the gRPC sid
 from __future__ import annotations
 
 import base64
-import time
+import concurrent.futures
 
 import numpy as np
 import pytest
@@ -173,19 +173,17 @@ def test_queue_full_is_429_and_deadline_is_504(exported_run, tmp_path):
     try:
         with RunningGateway(repository=tmp_path, backend="slow-onnxruntime", max_batch=1, max_queue=1) as gw, \
                 gw.http() as first, gw.http() as second, gw.http() as third:
-            import concurrent.futures
-
             headers = {"Content-Type": "image/png"}
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 running = pool.submit(first.post, "/v1/models/scenes:predict", content=PNG, headers=headers)
-                time.sleep(0.1)
+                gw.wait_for_queue("scenes", running=1, queued=0)
                 queued = pool.submit(second.post, "/v1/models/scenes:predict", content=PNG, headers=headers)
-                time.sleep(0.05)
+                gw.wait_for_queue("scenes", running=1, queued=1)
                 full = third.post("/v1/models/scenes:predict", content=PNG, headers=headers)
                 assert full.status_code == 429 and full.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
                 assert running.result().status_code == 200 and queued.result().status_code == 200
                 running = pool.submit(first.post, "/v1/models/scenes:predict", content=PNG, headers=headers)
-                time.sleep(0.05)
+                gw.wait_for_queue("scenes", running=1, queued=0)
                 late = third.post("/v1/models/scenes:predict", content=PNG, headers={**headers, "X-Timeout-Ms": "100"})
                 assert late.status_code == 504 and late.json()["error"]["code"] == "DEADLINE_EXCEEDED"
                 assert running.result().status_code == 200

@@ -32,9 +32,9 @@ def health_status(channel) -> int:
 
 
 def test_not_ready_until_loaded_and_warmed_then_not_ready_while_draining(exported_run):
-    SlowBackend.load_delay = 1.0
+    SlowBackend.load_delay = 2.0
     try:
-        with RunningGateway(run=exported_run, backend="slow-onnxruntime", wait_ready=False, drain_delay_s=0.6) as gw, \
+        with RunningGateway(run=exported_run, backend="slow-onnxruntime", wait_ready=False, drain_delay_s=1.0) as gw, \
                 gw.http() as client:
             assert client.get("/healthz").status_code == 200
             loading = client.get("/readyz")

@@ -63,6 +63,7 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._running: set[asyncio.Task] = set()
+        self._in_batches = 0
         self._closing = False  # no new requests; the worker stops once the queue is empty
         self._flushing = False  # stop holding batches for max_delay (set when draining)
         self._worker: asyncio.Task | None = None
@@ -71,6 +72,11 @@ class DynamicBatcher:
     def depth(self) -> int:
         """Requests waiting for a batch."""
         return len(self._queue)
+
+    @property
+    def in_batches(self) -> int:
+        """Requests in batches being run."""
+        return self._in_batches
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.backend.metadata.name}")
@@ -164,6 +170,7 @@ class DynamicBatcher:
         names = [n for n in self._output_order if n in wanted]
         batch = items[0].image[None] if len(items) == 1 else np.stack([i.image for i in items])
         started = time.perf_counter()
+        self._in_batches += len(items)
         try:
             results = await self.backend.infer(batch, names)
         except Exception as exc:  # the backend failed: every request in the batch gets the same error
@@ -172,6 +179,8 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
+        finally:
+            self._in_batches -= len(items)
         inference_s = time.perf_counter() - started
         if self._on_batch is not None:
             self._on_batch(len(items))

@@ -96,6 +96,8 @@ class GatewayServer:
         except BaseException:
             await self.stop(grace=1)  # nothing is in flight yet: returns at once
             raise
+        if self.state is not State.STARTING:  # a SIGTERM arrived while loading: stay down
+            return
         self.state = State.READY
         await self._set_health(SERVING)
         names = ", ".join(f"{m.metadata.name} v{m.metadata.version}" for m in self.models.served())

@@ -43,7 +43,9 @@ class PredictCall:
 
 @dataclass(frozen=True, slots=True)
 class Timings:
-    """Server-side seconds per stage; ``inference`` is the whole batch's forward pass."""
+    """Server-side seconds per stage, summing to ``total``. ``inference`` is the forward pass of the
+    whole batch; ``postprocess`` runs from its end to this request's answer, so it includes the
+    post-processing of the requests of the same batch that were answered first."""
 
     decode: float
     preprocess: float
@@ -108,12 +110,11 @@ class Gateway:
         if call.deadline is not None and call.deadline <= preprocessed:
             raise DeadlineExceeded("the request's deadline passed before it reached the model queue")
         result = await model.batcher.submit(x, [t.output for t in tasks], call.deadline)
-        inferred = time.perf_counter()
         outputs = {t.name: codec.postprocess(t, result.outputs[t.output], dtype, call.probabilities) for t in tasks}
         done = time.perf_counter()
-        queue = result.queue_s
-        timings = Timings(decoded - started, preprocessed - decoded, queue, inferred - preprocessed - queue,
-                          done - inferred, done - started, result.batch_size)
+        queue, inference = result.queue_s, result.inference_s
+        timings = Timings(decoded - started, preprocessed - decoded, queue, inference,
+                          done - preprocessed - queue - inference, done - started, result.batch_size)
         self.metrics.observe_stages(meta.name, (timings.decode, timings.preprocess, timings.queue,
                                                 timings.inference, timings.postprocess, timings.total))
         return Prediction(meta.name, meta.version, outputs, timings)
