@@ -26,7 +26,7 @@ request when the previous one returns). Load on a shared machine drifts, so the 
 each round measures Triton and in-process back to back, in reversed order every other round, and
 the table pools the rounds. Before timing, Triton's outputs are checked against the in-process ones.
 
-Model: without ``--run``, configs/demo.yaml's model (``tiny`` encoder, synthetic-scenes tasks,
+Model: without ``--run``, the demo's model (``tiny`` encoder, synthetic-scenes tasks,
 96x128), untrained: 50 % of its encoder channels zeroed at random and compacted (round_to 8), as
 in `benchmarks.compaction` (weights do not change the cost), then exported with `export_onnx` and a
 manifest, as ``training.export`` does.
@@ -62,7 +62,7 @@ from training.timing import sample_ms
 
 log = logging.getLogger("benchmarks.triton")
 MODEL_NAME = "bench"
-DEMO_ENCODER, DEMO_SIZE = "tiny", (96, 128)  # configs/demo.yaml
+DEMO_ENCODER, DEMO_SIZE = "tiny", (96, 128)  # the demo's encoder, at benchmarks.compaction's size
 SPARSITY, ROUND_TO = 50, 8
 PATHS = {"ort": "in-process ONNX Runtime", "triton": "Triton, python backend (gRPC)"}
 Call = Callable[[np.ndarray], object]
@@ -119,7 +119,7 @@ def build_demo_run(directory: Path, seed: int = 0) -> Path:
     small, plan = compact(sparsify(dense.eval(), SPARSITY, seed), round_to=ROUND_TO)
     save_compact(small, plan, directory / COMPACT_DIR)
     report = export_onnx(small, directory / ONNX_FILE, image_size=DEMO_SIZE)
-    extra = {"benchmark": f"configs/demo.yaml's model, untrained, {SPARSITY} % of its encoder channels removed "
+    extra = {"benchmark": f"the demo's model, untrained, {SPARSITY} % of its encoder channels removed "
                           f"(round_to {ROUND_TO})",
              "compaction": {"round_to": plan.round_to, "widths": plan.widths()}}
     write_manifest(directory / MANIFEST_FILE, build_manifest(small, io_spec(small.config, DEMO_SIZE),
