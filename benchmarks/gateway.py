@@ -60,6 +60,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from benchmarks._gateway_report import report, update_markdown
 from benchmarks.compaction import CASES, sparsify
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.proto.parsimony.v1 import gateway_pb2_grpc as pb_grpc
@@ -72,7 +73,6 @@ log = logging.getLogger("benchmarks.gateway")
 ROOT = Path(__file__).resolve().parents[1]
 P50_TARGET, THROUGHPUT_TARGET = 1.05, 0.9
 ORT_BATCHES = (1, 2, 4, 8, 16)
-MARK_BEGIN, MARK_END = "<!-- benchmarks.gateway:begin -->", "<!-- benchmarks.gateway:end -->"
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -311,64 +311,6 @@ def run_model(key: str, args) -> dict:
     return {"model": key, "case": CASES[key].name, "image_size": list(size), "ort": ort_result, "gateway": gateway,
             "ratios": ratios, "p50_met": ratios["p50"] <= P50_TARGET,
             "throughput_met": ratios["throughput"] >= THROUGHPUT_TARGET}
-
-
-def _spin(spinning: bool) -> str:
-    return " (s)" if spinning else " (n)"
-
-
-def _mark(met: bool) -> str:
-    return "✓" if met else "✗"
-
-
-def report(results: list[dict], args, env: dict) -> str:
-    quick = "; **QUICK: tiny sizes, a smoke test, not the acceptance measurement**" if args.quick else ""
-    lines = [
-        f"onnxruntime {env['onnxruntime']} (CPU), {env['threads']} intra-op threads on both sides, {env['cores']} "
-        f"cores ({env['cpu']}), Python {env['python']}; gateway, client and ORT on the same machine{quick}.", "",
-        "Latency at batch 1 (sequential calls; the gateway gets a raw uint8 tensor, so no decode):", "",
-        "| model | size | ORT p50 (ms) | gateway p50 (ms) | ratio (≤ 1.05) | gRPC floor p50 (ms) | gateway − floor "
-        "(ms) | ratio without transport | server total / inference (ms) | decode PNG / JPEG in process (ms) "
-        "| PNG request p50 / server decode (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        o, g, q = r["ort"], r["gateway"], r["ratios"]
-        t, p = g["tensor"], g["png"]
-        lines.append(
-            f"| {r['model']} | {r['image_size'][0]}x{r['image_size'][1]} | {o['p50_ms']:.2f}{_spin(o['p50_spinning'])} | "
-            f"{t['p50_ms']:.2f} | "
-            f"{q['p50']:.3f} {_mark(r['p50_met'])} | {g['floor']['p50_ms']:.2f} | {t['p50_ms'] - g['floor']['p50_ms']:.2f} "
-            f"| {q['p50_without_transport']:.3f} | {t['server_ms']['total_ms']:.2f} / {t['server_ms']['inference_ms']:.2f} "
-            f"| {o['decode_ms']['PNG']:.2f} / {o['decode_ms']['JPEG']:.2f} | {p['p50_ms']:.2f} / "
-            f"{p['server_ms']['decode_ms']:.2f} |")
-    lines += ["", f"Throughput (images/s) at concurrency {args.concurrency}, dynamic batching (no queue delay) "
-              f"against ONNX Runtime's best batch:", "",
-              "| model | ORT best (batch) | gateway (max batch; mean batch) | ratio (≥ 0.9) | gRPC floor (requests/s) |",
-              "|---|---|---|---|---|"]
-    for r in results:
-        o, g = r["ort"], r["gateway"]
-        lines.append(f"| {r['model']} | {o['best_throughput']:.1f} (b{o['best_batch']}){_spin(o['throughput_spinning'])} | "
-                     f"{g['throughput']['images_per_s']:.1f} ({g['max_batch']}; {g['throughput']['mean_batch']:.1f}) | "
-                     f"{r['ratios']['throughput']:.3f} {_mark(r['throughput_met'])} | "
-                     f"{g['floor']['requests_per_s']:.0f} |")
-    lines += ["", "ORT figures are the better of its threads spinning (s) or not (n); the gateway runs without "
-              "spinning unless started with --ort-spinning. The gRPC floor is a no-op grpc.aio server answering with "
-              "the same response bytes: the transport and Python gRPC cost on both ends, which any Python gateway "
-              "pays on top of the forward pass."]
-    return "\n".join(lines) + "\n"
-
-
-def update_markdown(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (between its markers), keeping everything else."""
-    block = f"{MARK_BEGIN}\n## Prediction gateway (`python -m benchmarks.gateway`)\n\n{section}{MARK_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        before, rest = text.split(MARK_BEGIN, 1)
-        text = before + block + rest.split(MARK_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
