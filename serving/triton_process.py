@@ -175,14 +175,16 @@ def start_tritonserver(
     workdir: Path | None = None,
     ready_timeout: float = 90.0,
     extra_args: tuple[str, ...] = (),
+    ports: tuple[int, int, int] | None = None,
 ) -> TritonServer:
-    """Start ``tritonserver`` on ``repository`` bound to 127.0.0.1 with free ports; return when it is
+    """Start ``tritonserver`` on ``repository`` bound to 127.0.0.1 with free ports (or ``ports``:
+    gRPC, HTTP, metrics, e.g. to restart a server where its clients expect it); return when it is
     ready (every model loaded), or raise `TritonUnavailable` with the end of its log."""
     install = TritonInstall.locate(venv)
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="tritonserver-")) if own else Path(workdir)
     server_dir = prepare_server(install, workdir)
-    grpc_port, http_port, metrics_port = free_ports(3)
+    grpc_port, http_port, metrics_port = ports or free_ports(3)
     cmd = [
         str(server_dir / "bin" / "tritonserver"),
         f"--model-repository={Path(repository).resolve()}",

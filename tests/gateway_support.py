@@ -83,11 +83,11 @@ class SlowBackend(OnnxRuntimeBackend):
         await asyncio.sleep(self.load_delay)
         await super().load()
 
-    async def infer(self, batch, outputs):
+    async def infer(self, batch, outputs, deadline=None):
         if self.fail_infer:
             raise RuntimeError("injected backend failure")
         await asyncio.sleep(self.infer_delay)
-        return await super().infer(batch, outputs)
+        return await super().infer(batch, outputs, deadline)
 
 
 assert BACKENDS["slow-onnxruntime"] is SlowBackend

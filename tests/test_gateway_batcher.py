@@ -28,6 +28,7 @@ class ScriptedBackend(Backend):
         super().__init__(META, max_batch_size=max_batch_size)
         self.delay, self.fail = delay, fail
         self.batches: list[tuple[int, tuple[str, ...]]] = []
+        self.deadlines: list[float | None] = []
 
     async def load(self) -> None:
         pass
@@ -36,8 +37,9 @@ class ScriptedBackend(Backend):
     def ready(self) -> bool:
         return True
 
-    async def infer(self, batch, outputs):
+    async def infer(self, batch, outputs, deadline=None):
         self.batches.append((len(batch), tuple(outputs)))
+        self.deadlines.append(deadline)
         await asyncio.sleep(self.delay)
         if self.fail:
             raise RuntimeError("boom")
@@ -164,6 +166,20 @@ def test_deadline_passing_in_the_queue_skips_the_request_and_serving_goes_on():
     after = run(_with_batcher(backend, body, max_batch=1))
     assert after.outputs["normal"] == pytest.approx(0.5)
     assert [outs for _, outs in backend.batches] == [("seg",), ("normal",)]  # the expired one never ran
+
+
+def test_a_batch_carries_the_latest_deadline_of_its_requests_to_the_backend():
+    backend = ScriptedBackend()
+
+    async def body(b):
+        now = time.perf_counter()
+        await asyncio.gather(b.submit(image(0), ["seg"], deadline=now + 5), b.submit(image(0), ["seg"], deadline=now + 9))
+        await asyncio.gather(b.submit(image(0), ["seg"], deadline=now + 5), b.submit(image(0), ["seg"]))
+        return now
+
+    now = run(_with_batcher(backend, body, max_delay_s=5.0, max_batch=2))
+    assert [n for n, _ in backend.batches] == [2, 2]
+    assert backend.deadlines == [pytest.approx(now + 9), None]  # one request without a deadline: none
 
 
 def test_backend_failure_reaches_every_request_of_the_batch_as_internal():

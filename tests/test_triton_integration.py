@@ -16,7 +16,6 @@ and skips only with ``PARSIMONY_SKIP_TRITON=1``.
 
 from __future__ import annotations
 
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,14 +25,13 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from triton_server import TritonUnavailable, require_triton, start_tritonserver
+from triton_server import TritonUnavailable, randomised_copy, require_triton, start_tritonserver
 from tritonclient.utils import InferenceServerException
 
 from serving.convert import convert
 from serving.repository import read_version
 from serving.triton_config import ServingOptions
-from training.compaction import load_compact, load_plan, save_compact
-from training.export.__main__ import export_run
+from training.compaction import load_compact
 
 MODELS = {  # Triton name -> (fixture run, options)
     "scenes": ("scenes", ServingOptions(format="python", max_batch=8)),
@@ -41,23 +39,6 @@ MODELS = {  # Triton name -> (fixture run, options)
     "faces_batched": ("faces", ServingOptions(format="python", max_batch=4, queue_delay_us=2_000_000)),
 }
 PROTOCOLS = ("grpc", "http")
-
-
-def randomised_copy(src: Path, dst: Path, seed: int) -> Path:
-    """``src`` with its compact weights redrawn (He-normal convs, BN scales and shifts in [0.5, 1.5))
-    and exported again: model.onnx and manifest.json from the real export path."""
-    shutil.copytree(src, dst)
-    model = load_compact(dst / "compact")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=gen) * (2.0 / param[0].numel()) ** 0.5)
-            else:
-                param.copy_(0.5 + torch.rand(param.shape, generator=gen))
-    save_compact(model, load_plan(dst / "compact"), dst / "compact")
-    export_run(dst)
-    return dst
 
 
 @pytest.fixture(scope="session", autouse=True)

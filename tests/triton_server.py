@@ -2,15 +2,17 @@
 benchmarks use it too); this adds `require_triton`, which turns a missing server into a skip or a
 failure that says how to install it.
 
-    from triton_server import require_triton, start_tritonserver
+    from triton_server import randomised_copy, require_triton, start_tritonserver
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from serving.triton_process import (  # noqa: F401  (re-exported for the tests)
     SKIP_ENV,
@@ -19,6 +21,8 @@ from serving.triton_process import (  # noqa: F401  (re-exported for the tests)
     TritonUnavailable,
     start_tritonserver,
 )
+from training.compaction import load_compact, load_plan, save_compact
+from training.export.__main__ import export_run
 
 
 def require_triton(venv: Path | None = None) -> TritonInstall:
@@ -30,3 +34,20 @@ def require_triton(venv: Path | None = None) -> TritonInstall:
         return TritonInstall.locate(venv)
     except TritonUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+def randomised_copy(src: Path, dst: Path, seed: int) -> Path:
+    """``src`` with its compact weights redrawn (He-normal convs, BN scales and shifts in [0.5, 1.5))
+    and exported again: model.onnx and manifest.json from the real export path."""
+    shutil.copytree(src, dst)
+    model = load_compact(dst / "compact")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=gen) * (2.0 / param[0].numel()) ** 0.5)
+            else:
+                param.copy_(0.5 + torch.rand(param.shape, generator=gen))
+    save_compact(model, load_plan(dst / "compact"), dst / "compact")
+    export_run(dst)
+    return dst

@@ -2,13 +2,17 @@
 
     python -m serving.server --repository model_repository --model scenes
     python -m serving.server --run runs/demo                       # an exported run, served as version 1
+    python -m serving.server --repository model_repository --model scenes \
+        --backend triton --triton-url triton:8001                   # Triton runs the forward passes
     python -m serving.server --repository model_repository --model scenes \\
         --grpc-port 50051 --http-port 8080 --max-batch 16 --max-queue-delay-ms 2 --threads 2
 
 Serves ``parsimony.v1.PredictionService`` (serving/proto/parsimony/v1/gateway.proto) over gRPC with
 the standard health service and reflection, and the same operations over HTTP
 (``POST /v1/models/NAME:predict``, ``GET /v1/models[/NAME]``, ``/healthz``, ``/readyz``,
-``/metrics``, ``/docs``). Models run in ONNX Runtime inside this process with dynamic batching.
+``/metrics``, ``/docs``). Models run in ONNX Runtime inside this process with dynamic batching, or,
+with ``--backend triton --triton-url HOST:PORT``, on a Triton server that serves the same repository
+(the gateway still reads each version's manifest.json from it: mount the repository in both).
 New versions appearing in the repository are loaded and swapped in without failing requests.
 SIGTERM drains in-flight requests (up to --grace-period-s) and exits 0.
 """
@@ -46,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-ms", type=float,
                    help="hold a batch's first request up to this long for the batch to fill (default 0: never wait)")
     p.add_argument("--max-queue", type=int, help="queued requests per model before RESOURCE_EXHAUSTED/429 (default 128)")
+    p.add_argument("--backend", choices=["onnxruntime", "triton"],
+                   help="onnxruntime: run models in this process (default); triton: send batches to --triton-url")
+    p.add_argument("--triton-url", metavar="HOST:PORT",
+                   help="Triton's gRPC endpoint (--backend triton); Triton must serve the same repository")
+    p.add_argument("--triton-concurrency", type=int, help="batches in flight to Triton at once (default 4)")
+    p.add_argument("--triton-load-timeout-s", type=float,
+                   help="longest wait for Triton to report a model (version) ready (default 300)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default 0: one per physical core)")
     p.add_argument("--ort-spinning", action="store_true", default=None,
                    help="let ONNX Runtime's threads busy-wait between runs (lower latency on idle dedicated cores, "

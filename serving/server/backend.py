@@ -7,9 +7,12 @@ What a backend must provide:
 
 - ``metadata``: the model as its manifest describes it (`ModelMetadata`), never read from the graph;
 - ``await load()``: make the model runnable and warm it up; afterwards ``ready`` is True;
-- ``await infer(batch, outputs)``: ``batch`` is float32 ``[N, C, H, W]`` RGB in [0, 1], ``outputs`` the
-  output tensor names wanted; returns ``{name: array [N, ...]}`` for exactly those names (a remote
-  server may answer in any order: outputs are always addressed by name);
+- ``await infer(batch, outputs, deadline)``: ``batch`` is float32 ``[N, C, H, W]`` RGB in [0, 1],
+  ``outputs`` the output tensor names wanted, ``deadline`` the latest of the batch's request
+  deadlines (a ``time.perf_counter()`` value, None for none); returns ``{name: array [N, ...]}`` for
+  exactly those names (a remote server may answer in any order: outputs are always addressed by name);
+- ``ready`` and ``not_ready_reason``: whether requests can run now (a remote server can go away and
+  come back after `load`; the gateway reports not-ready meanwhile) and, when not, why;
 - ``max_batch_size``: the largest batch ``infer`` accepts (the batcher never exceeds it);
 - ``concurrent_batches``: how many ``infer`` calls may run at once (1 in process; a remote server
   that queues and schedules work itself can take several);
@@ -55,8 +58,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def ready(self) -> bool: ...
 
+    @property
+    def not_ready_reason(self) -> str:
+        return "" if self.ready else "the model is still loading"
+
     @abc.abstractmethod
-    async def infer(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]: ...
+    async def infer(self, batch: np.ndarray, outputs: Sequence[str],
+                    deadline: float | None = None) -> dict[str, np.ndarray]: ...
 
     async def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
         pass
@@ -154,8 +162,9 @@ class OnnxRuntimeBackend(Backend):
     def ready(self) -> bool:
         return self._session is not None
 
-    async def infer(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        names = list(outputs)
+    async def infer(self, batch: np.ndarray, outputs: Sequence[str],
+                    deadline: float | None = None) -> dict[str, np.ndarray]:
+        names = list(outputs)  # a forward pass cannot be interrupted: the batcher expires late requests
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, self._session.run, names, {INPUT_NAME: batch})
         return dict(zip(names, results, strict=True))

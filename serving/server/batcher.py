@@ -169,10 +169,12 @@ class DynamicBatcher:
         wanted = set().union(*(i.outputs for i in items))
         names = [n for n in self._output_order if n in wanted]
         batch = items[0].image[None] if len(items) == 1 else np.stack([i.image for i in items])
+        deadlines = [i.deadline for i in items]
+        deadline = None if None in deadlines else max(deadlines)
         started = time.perf_counter()
         self._in_batches += len(items)
         try:
-            results = await self.backend.infer(batch, names)
+            results = await self.backend.infer(batch, names, deadline)
         except Exception as exc:  # the backend failed: every request in the batch gets the same error
             error = as_gateway_error(exc)
             for item in items:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.server import triton_backend  # noqa: F401  (registers the "triton" backend)
 from serving.server.backend import BACKENDS
 
 DEFAULT_GRPC_PORT = 50051
@@ -23,7 +24,10 @@ class ServerConfig(BaseModel):
     host: str = "0.0.0.0"
     grpc_port: int = Field(DEFAULT_GRPC_PORT, ge=0, le=65535)
     http_port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535)
-    backend: str = "onnxruntime"
+    backend: str = Field("onnxruntime", description="onnxruntime (in process) or triton (--triton-url)")
+    triton_url: str | None = Field(None, description="Triton's gRPC endpoint, host:port (--backend triton)")
+    triton_concurrency: int = Field(4, ge=1, le=256, description="batches in flight to Triton at once")
+    triton_load_timeout_s: float = Field(300.0, gt=0, description="longest wait for Triton to report a model ready")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per physical core)")
     ort_spinning: bool = Field(False, description="let ONNX Runtime's threads busy-wait between runs")
     max_batch: int = Field(16, ge=1, le=1024)
@@ -44,4 +48,14 @@ class ServerConfig(BaseModel):
             raise ValueError("--run serves one model: give at most one --model (its name)")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {sorted(BACKENDS)}")
+        if (self.backend == "triton") != (self.triton_url is not None):
+            raise ValueError("--backend triton needs --triton-url HOST:PORT (Triton's gRPC endpoint), and "
+                             "--triton-url is only used with --backend triton")
         return self
+
+    def backend_options(self) -> dict:
+        """The chosen backend's constructor options."""
+        if self.backend == "triton":
+            return {"url": self.triton_url, "concurrency": self.triton_concurrency,
+                    "load_timeout_s": self.triton_load_timeout_s, "warmup_batch_sizes": self.warmup_batch_sizes}
+        return {"threads": self.threads, "spinning": self.ort_spinning, "warmup_batch_sizes": self.warmup_batch_sizes}

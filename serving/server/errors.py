@@ -17,6 +17,7 @@ becomes INTERNAL (`as_gateway_error`), logged with its traceback, while the serv
 | DeadlineExceeded     | DEADLINE_EXCEEDED  | DEADLINE_EXCEEDED  | 504  |
 | ModelNotReady        | UNAVAILABLE        | UNAVAILABLE        | 503  |
 | ShuttingDown         | UNAVAILABLE        | UNAVAILABLE        | 503  |
+| BackendUnavailable   | UNAVAILABLE        | UNAVAILABLE        | 503  |
 | (anything else)      | INTERNAL           | INTERNAL           | 500  |
 """
 
@@ -98,6 +99,12 @@ class ModelNotReady(GatewayError):
 
 
 class ShuttingDown(GatewayError):
+    code = Code.UNAVAILABLE
+
+
+class BackendUnavailable(GatewayError):
+    """The remote backend (Triton) cannot be reached or is not ready; clients retry with backoff."""
+
     code = Code.UNAVAILABLE
 
 

@@ -67,8 +67,7 @@ class GatewayServer:
         batching = BatchingOptions(max_batch=config.max_batch, max_delay_s=config.max_queue_delay_ms / 1e3,
                                    max_queue=config.max_queue)
         self.models = ModelManager(build_sources(config), self.metrics, backend=config.backend,
-                                   backend_options={"threads": config.threads, "spinning": config.ort_spinning,
-                                                    "warmup_batch_sizes": config.warmup_batch_sizes},
+                                   backend_options=config.backend_options(),
                                    batching=batching, poll_interval_s=config.poll_interval_s)
         self.gateway = Gateway(self.models, self.metrics, Limits(config.max_message_bytes, config.max_image_pixels))
         self.health = health.aio.HealthServicer()
@@ -80,10 +79,17 @@ class GatewayServer:
         self._http: _EmbeddedUvicorn | None = None
         self._http_task: asyncio.Task | None = None
         self._stopping: asyncio.Task | None = None
+        self._health_watch: asyncio.Task | None = None
 
     def readiness(self) -> tuple[bool, dict]:
         served = {m.metadata.name: m.metadata.version for m in self.models.served()}
-        return self.state is State.READY, {"status": self.state.value, "models": served}
+        details = {"status": self.state.value, "models": served}
+        if self.state is not State.READY:
+            return False, details
+        not_ready = self.models.not_ready()
+        if not_ready:
+            details.update(status="backend-unavailable", not_ready=not_ready)
+        return not not_ready, details
 
     async def start(self) -> None:
         """Listen on both ports, then load and warm up every model; READY when this returns."""
@@ -100,6 +106,7 @@ class GatewayServer:
             return
         self.state = State.READY
         await self._set_health(SERVING)
+        self._health_watch = asyncio.get_running_loop().create_task(self._follow_backends(), name="health")
         names = ", ".join(f"{m.metadata.name} v{m.metadata.version}" for m in self.models.served())
         log.info("ready: %s; gRPC on %s:%d, HTTP on %s:%d", names, self.config.host, self.grpc_port,
                  self.config.host, self.http_port)
@@ -126,6 +133,8 @@ class GatewayServer:
             return
         grace = self.config.grace_period_s if grace is None else grace
         self.state = State.DRAINING
+        if self._health_watch is not None:
+            self._health_watch.cancel()
         self.models.flush()
         await self.health.enter_graceful_shutdown()
         if self.config.drain_delay_s and grace:
@@ -141,6 +150,18 @@ class GatewayServer:
         await self.models.close()
         self.state = State.STOPPED
         log.info("stopped")
+
+    async def _follow_backends(self, period_s: float = 0.25) -> None:
+        """While READY, the gRPC health status follows the backends (a remote Triton can go away and return)."""
+        serving = True
+        while self.state is State.READY:
+            await asyncio.sleep(period_s)
+            ready = self.models.ready
+            if ready != serving and self.state is State.READY:
+                serving = ready
+                await self._set_health(SERVING if ready else NOT_SERVING)
+                log.log(logging.INFO if ready else logging.WARNING, "health: %s%s", "SERVING" if ready else
+                        "NOT_SERVING: ", "" if ready else self.models.not_ready())
 
     async def _set_health(self, status) -> None:
         for service in ("", grpc_service.SERVICE):

@@ -10,6 +10,7 @@
 | parsimony_gateway_queue_depth                 | gauge     | model                           |
 | parsimony_gateway_model_info                  | gauge (1) | model, version, backend, tasks, input_size |
 | parsimony_gateway_model_loads_total           | counter   | model, outcome                  |
+| parsimony_gateway_backend_ready               | gauge     | model                           |
 
 Stages of a successful prediction: decode, preprocess, queue, inference, postprocess, total.
 Latencies are histograms (not summaries) so that quantiles can be aggregated across replicas in
@@ -60,6 +61,9 @@ class GatewayMetrics:
                                  registry=r)
         self.model_info = Gauge("parsimony_gateway_model_info", "The served model version (value 1)",
                                 ["model", "version", "backend", "tasks", "input_size"], registry=r)
+        self.backend_ready = Gauge("parsimony_gateway_backend_ready",
+                                   "1 while the model's backend can run requests (0: e.g. Triton unreachable)",
+                                   ["model"], registry=r)
         self.model_loads = Counter("parsimony_gateway_model_loads", "Model version loads by outcome",
                                    ["model", "outcome"], registry=r)
         # label lookups cost a lock and a dict build each: the hot path reuses the children
@@ -95,7 +99,7 @@ class GatewayMetrics:
         return self.batch_size.labels(model).observe
 
     def model_loaded(self, model: str, version: int, backend: str, tasks: Sequence[str], input_size: tuple[int, int],
-                     queue_depth: Callable[[], float]) -> None:
+                     queue_depth: Callable[[], float], backend_ready: Callable[[], float]) -> None:
         """Mark ``version`` as the served one (replacing the previous version's info series)."""
         old = self._info_labels.pop(model, None)
         if old is not None:
@@ -104,6 +108,7 @@ class GatewayMetrics:
         self.model_info.labels(*labels).set(1)
         self._info_labels[model] = labels
         self.queue_depth.labels(model).set_function(queue_depth)
+        self.backend_ready.labels(model).set_function(backend_ready)
         self.model_loads.labels(model, "success").inc()
 
     def exposition(self) -> bytes:

@@ -144,7 +144,19 @@ class ModelManager:
 
     @property
     def ready(self) -> bool:
-        return all(name in self._models for name in self._sources)
+        """Every model is loaded and its backend can run requests now (a remote backend can go away)."""
+        return all(name in self._models and self._models[name].backend.ready for name in self._sources)
+
+    def not_ready(self) -> dict[str, str]:
+        """Model name -> why it cannot serve now, for the models that cannot."""
+        reasons = {}
+        for name in self._sources:
+            model = self._models.get(name)
+            if model is None:
+                reasons[name] = "loading"
+            elif not model.backend.ready:
+                reasons[name] = model.backend.not_ready_reason
+        return reasons
 
     def served(self) -> list[ServedModel]:
         return [self._models[n] for n in self._sources if n in self._models]
@@ -203,7 +215,7 @@ class ModelManager:
         self._models[name] = model
         meta = model.metadata
         self.metrics.model_loaded(name, meta.version, model.backend.kind, meta.task_names, (meta.height, meta.width),
-                                  lambda: model.batcher.depth)
+                                  lambda: model.batcher.depth, lambda: float(model.backend.ready))
         if old is not None:
             task = asyncio.get_running_loop().create_task(old.retire())
             self._retiring.add(task)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from serving.server import codec
 from serving.server.errors import (
+    BackendUnavailable,
     Code,
     DeadlineExceeded,
     GatewayError,
@@ -95,6 +96,9 @@ class Gateway:
 
     async def _predict(self, model: ServedModel, call: PredictCall, started: float) -> Prediction:
         meta = model.metadata
+        if not model.backend.ready:
+            raise BackendUnavailable(f"model {meta.name!r} cannot run requests now ({model.backend.not_ready_reason}); "
+                                     f"retry with backoff (GET /readyz says when it is back)")
         tasks = codec.select_tasks(meta, call.tasks)
         dtype = codec.output_dtype(call.output_dtype)
         if call.encoded is not None:
