@@ -46,8 +46,9 @@ def report(results: list[dict], args, env: dict) -> str:
                      f"{g['throughput']['images_per_s']:.1f} ({g['max_batch']}; {g['throughput']['mean_batch']:.1f}) | "
                      f"{r['ratios']['throughput']:.3f} {_mark(r['throughput_met'])} | "
                      f"{g['floor']['requests_per_s']:.0f} |")
-    lines += ["", "ORT figures are the better of its threads spinning (s) or not (n); the gateway runs without "
-              "spinning unless started with --ort-spinning. The gRPC floor is a no-op grpc.aio server answering with "
+    lines += ["", "ORT latency is measured with its threads spinning (s) exactly when the gateway's spin (n: neither "
+              "spins, the gateway's default; --ort-spinning: both); ORT's best throughput is the better of the two. "
+              "The gRPC floor is a no-op grpc.aio server answering with "
               "the same response bytes: the transport and Python gRPC cost on both ends, which any Python gateway "
               "pays on top of the forward pass."]
     return "\n".join(lines) + "\n"
