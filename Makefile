@@ -10,7 +10,7 @@ TRITON_VENV ?= .venv-triton
 TRITON_SPEC ?= nvidia-pytriton==0.7.0 'numpy<2' 'onnxruntime>=1.18'
 PYTEST_ARGS ?=
 
-.PHONY: venv triton-venv demo test lint bench bench-triton bench-gateway proto clean
+.PHONY: venv triton-venv demo test lint bench bench-triton bench-gateway bench-triton-gateway proto clean
 
 venv: $(VENV)/.installed
 
@@ -27,9 +27,11 @@ $(TRITON_VENV)/.installed:
 	$(TRITON_VENV)/bin/python -m pip install $(TRITON_SPEC)
 	touch $@
 
+# train, sparsify, compact and export; then convert, serve, call the gateway with the client, stop
 demo: venv
 	rm -rf runs/demo
 	$(PY) -m training.run --config configs/demo.yaml
+	$(PY) -m serving.demo --run runs/demo --repository model_repository --name demo
 
 test: venv triton-venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -45,6 +47,9 @@ bench-triton: venv triton-venv
 
 bench-gateway: venv
 	$(PY) -m benchmarks.gateway
+
+bench-triton-gateway: venv triton-venv
+	$(PY) -m benchmarks.triton_gateway
 
 # regenerate the committed gRPC/protobuf modules after editing serving/proto/parsimony/v1/*.proto
 proto: venv
