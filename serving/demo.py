@@ -5,8 +5,10 @@
 
 Steps, each printed as it runs and each the command a user would type:
 
-1. ``python -m serving.convert RUN --repository model_repository --name demo --format onnx`` adds
-   the next version of the model to the repository (older ones beyond ``--keep`` are pruned);
+1. ``python -m serving.convert RUN --repository model_repository --name demo --format python`` adds
+   the next version of the model to the repository (older ones beyond ``--keep`` are pruned). The
+   python format holds ``model.onnx`` too, so the same repository serves from the embedded backend
+   and from the CPU ``tritonserver`` (``python -m serving.triton_process model_repository``);
 2. a sample image is rendered from the run's own data set (its validation split, at the model's
    input size) to ``RUN/sample.png``;
 3. ``python -m serving.server --repository model_repository --model demo`` starts on free ports;
@@ -128,7 +130,7 @@ def demo(args: argparse.Namespace) -> int:
               f"python -m training.run --config configs/demo.yaml", file=sys.stderr)
         return 2
     run("convert", ["python", "-m", "serving.convert", str(run_dir), "--repository", str(repository),
-                    "--name", args.name, "--format", "onnx", "--keep", str(args.keep)])
+                    "--name", args.name, "--format", "python", "--keep", str(args.keep)])
     image = sample_image(run_dir)
     print(f"\n== sample image: {image}", flush=True)
     log_path = run_dir / "gateway.log"
