@@ -10,7 +10,7 @@ TRITON_VENV ?= .venv-triton
 TRITON_SPEC ?= nvidia-pytriton==0.7.0 'numpy<2' 'onnxruntime>=1.18'
 PYTEST_ARGS ?=
 
-.PHONY: venv triton-venv demo test lint bench bench-triton bench-gateway bench-triton-gateway proto clean
+.PHONY: venv triton-venv demo test deploy-check lint bench bench-triton bench-gateway bench-triton-gateway proto clean
 
 venv: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ demo: venv
 
 test: venv triton-venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# deploy/: render and validate every kustomization, promtool on the alerts, metric names against a running gateway
+deploy-check: venv
+	$(PY) -m pytest -q tests/test_deploy*.py $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check training serving clients tests benchmarks
