@@ -54,6 +54,7 @@ def write_outputs(p: Prediction, info: ModelInfo, stem: str, out: Path) -> dict[
     for task, value in p.outputs.items():
         kind = p.kinds[task]
         if kind == "attributes":
+            value = {name: value[name] for name in info.task(task).attribute_names if name in value} | value
             path = out / f"{stem}.{task}.json"
             path.write_text(json.dumps(value, indent=2) + "\n")
             written[task] = f"{path} ({', '.join(f'{k} {v:.2f}' for k, v in value.items())})"
