@@ -20,13 +20,18 @@ PNG = image_bytes(SIZE, "PNG", seed=11)
 PROTOCOLS = ("grpc", "http")
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory, exported_run, exported_faces_run):
+def serve_scenes_and_faces(tmp_path_factory, scenes_run, faces_run):
+    """A gateway serving both exported runs (models "scenes" and "faces", version 1); a fixture body."""
     root = tmp_path_factory.mktemp("repo")
-    publish_version(root, "scenes", exported_run, 1)
-    publish_version(root, "faces", exported_faces_run, 1)
+    publish_version(root, "scenes", scenes_run, 1)
+    publish_version(root, "faces", faces_run, 1)
     with RunningGateway(repository=root) as gw:
         yield gw
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, exported_run, exported_faces_run):
+    yield from serve_scenes_and_faces(tmp_path_factory, exported_run, exported_faces_run)
 
 
 def address(gw, protocol: str) -> str:
