@@ -209,6 +209,16 @@ def tiny() -> EncoderConfig:
     )
 
 
+@register_encoder("tiny-wide", dense_widths={"light": (64,)}, attribute_width=64)
+def tiny_wide() -> EncoderConfig:
+    """``tiny`` at twice the width (64/128/192/256): the CPU sweep's over-parameterised encoder,
+    with room for channel sparsity to remove."""
+    outs = (64, 128, 192, 256)
+    return EncoderConfig(
+        block="basic", stem=(64,), stages=resnet_stages("basic", (1, 1, 1, 1), outs, outs, *_OS8, 64)
+    )
+
+
 @register_encoder("resnet18")
 def resnet18() -> EncoderConfig:
     return _resnet("basic", (2, 2, 2, 2), _OS32)
