@@ -208,7 +208,7 @@ def synthetic_image(info: ModelInfo, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-async def load(server: str, *, model: str | None = None, image: ImageInput | None = None, warmup: int = 0,
+async def load(server: str, model: str | None = None, image: ImageInput | None = None, *, warmup: int = 0,
                protocol: str | None = None, tls=None, retry=NO_RETRY, concurrency: int = 8, **measure_options) -> dict:
     """Connect, pick the model (the only one served, unless named), send ``warmup`` requests unmeasured,
     then `measure`. ``image`` defaults to `synthetic_image`; other options as in `measure`."""
@@ -222,7 +222,7 @@ async def load(server: str, *, model: str | None = None, image: ImageInput | Non
         return {"server": client.endpoint.url, "protocol": client.protocol, "model": info.name} | report
 
 
-def run_load(server: str, **options) -> dict:
-    """`load` from synchronous code (its own event loop): ``run_load("localhost:50051", concurrency=16,
-    duration=10)``, ``run_load("http://localhost:8080", rate=200, duration=30, concurrency=64)``."""
-    return asyncio.run(load(server, **options))
+def run_load(server: str, model: str | None = None, image: ImageInput | None = None, **options) -> dict:
+    """`load` from synchronous code (its own event loop): ``run_load("localhost:50051", "demo", concurrency=16,
+    duration=10)``, ``run_load("http://localhost:8080", "demo", "image.png", rate=200, duration=30, concurrency=64)``."""
+    return asyncio.run(load(server, model, image, **options))

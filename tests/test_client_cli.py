@@ -127,7 +127,7 @@ def check_report(r: dict) -> None:
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_closed_loop_sends_exactly_the_requests_asked_for(gw, protocol):
     server = gw.grpc_target if protocol == "grpc" else gw.http_url
-    r = run_load(server, model="scenes", concurrency=4, requests=40, duration=None)
+    r = run_load(server, "scenes", concurrency=4, requests=40, duration=None)
     check_report(r)
     assert (r["mode"], r["protocol"], r["model"], r["model_version"]) == ("closed", protocol, "scenes", 1)
     assert (r["sent"], r["ok"], r["errors"], r["dropped"]) == (40, 40, {}, 0)
@@ -148,8 +148,10 @@ def test_open_loop_keeps_to_its_rate(gw, arrivals):
     assert r["error_count"] == 0 and r["ok"] == r["sent"] > 0
 
 
-def test_failed_requests_are_counted_by_code(gw):
-    r = run_load(gw.http_url, model="scenes", image=image_bytes((8, 8)), concurrency=2, requests=10, duration=None)
+def test_failed_requests_are_counted_by_code(gw, tmp_path):
+    small = tmp_path / "small.png"
+    small.write_bytes(image_bytes((8, 8)))
+    r = run_load(gw.http_url, "scenes", small, concurrency=2, requests=10, duration=None)
     check_report(r)
     assert (r["ok"], r["errors"], r["latency_ms"]["p50"]) == (0, {"INVALID_ARGUMENT": 10}, None)
     with pytest.raises(ClientError, match="does not serve model"):
