@@ -81,7 +81,7 @@ def progress_printer(args: argparse.Namespace):
 
         by_time = args.duration is not None
         bar = tqdm(total=args.duration if by_time else args.requests, unit="s" if by_time else "req",
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} {postfix}")
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit}{postfix}")
 
         def show(s: dict) -> None:
             bar.n = min(bar.total, s["elapsed_s"] if by_time else s["sent"] + s["dropped"])
