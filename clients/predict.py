@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from clients import visualize
 from clients.cli import add_connection_args, choose_model, configure_logging, connection_options, load_image
 from clients.client import Client
@@ -65,7 +67,10 @@ def write_outputs(p: Prediction, info: ModelInfo, stem: str, out: Path) -> dict[
             names = info.task(task).class_names
             image = visualize.segmentation_image(value, names)
             text["classes"] = list(names)
-            written[task] = f"{path} ({len(names)} classes)"
+            counts = np.bincount(value.ravel(), minlength=len(names)) / value.size
+            top = ", ".join(f"{names[c] if c < len(names) else c} {100 * counts[c]:.0f}%"
+                            for c in np.argsort(-counts)[:3] if counts[c] > 0)
+            written[task] = f"{path} ({len(names)} classes; most pixels: {top})"
         elif kind == "depth":
             lo, hi = visualize.depth_range(value)
             image = visualize.depth_image(value)
@@ -73,7 +78,8 @@ def write_outputs(p: Prediction, info: ModelInfo, stem: str, out: Path) -> dict[
             written[task] = f"{path} ({lo:.3g} to {hi:.3g} m)"
         else:
             image = visualize.normal_image(value)
-            written[task] = str(path)
+            mean = value.reshape(3, -1).mean(axis=1)
+            written[task] = f"{path} (mean direction x {mean[0]:+.2f}, y {mean[1]:+.2f}, z {mean[2]:+.2f})"
         visualize.save_png(image, path, text)
     return written
 
