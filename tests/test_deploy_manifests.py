@@ -259,10 +259,12 @@ def test_selectors_match_the_pods_they_are_meant_for(overlay):
     def selected(selector: dict) -> list[str]:
         return sorted(n for n, labels in pod_labels.items() if selects(selector, labels))
 
+    serves = {"triton-grpc": "triton"}  # the headless Service the gateway balances its Triton calls over
     for kind in ("Service", "PodDisruptionBudget"):
         for name, obj in by_kind(objects, kind).items():
             selector = obj["spec"]["selector"]
-            assert selected(selector if kind == "PodDisruptionBudget" else {"matchLabels": selector}) == [name], kind
+            want = [serves.get(name, name)] if kind == "Service" else [name]
+            assert selected(selector if kind == "PodDisruptionBudget" else {"matchLabels": selector}) == want, kind
     for name, hpa in by_kind(objects, "HorizontalPodAutoscaler").items():
         target = hpa["spec"]["scaleTargetRef"]
         assert (target["kind"], target["name"]) == ("Deployment", name)
@@ -335,8 +337,10 @@ def test_gateway_reaches_triton_where_triton_listens(overlay):
     ready, live = triton["readinessProbe"]["httpGet"], triton["livenessProbe"]["httpGet"]
     assert (ready["path"], port_number(triton, ready["port"])) == ("/v2/health/ready", listening["http"])
     assert (live["path"], port_number(triton, live["port"])) == ("/v2/health/live", listening["http"])
-    host, _, port = flags["triton-url"].rpartition(":")
+    assert flags["triton-url"].startswith("dns:///")  # resolved to every pod: calls balanced across replicas
+    host, _, port = flags["triton-url"].removeprefix("dns:///").rpartition(":")
     service = one(objects, "Service", host)
+    assert service["spec"].get("clusterIP") == "None"  # headless: DNS answers with the pods themselves
     target, = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
     assert port_number(triton, target["targetPort"]) == listening["grpc"]
     assert flags["backend"] == "triton"

@@ -85,7 +85,7 @@ def embedded(repository):
 
 @pytest.fixture(scope="module")
 def fronted(repository, triton):
-    with RunningGateway(repository=repository, models=SERVED, backend="triton", triton_url=triton.server.grpc_url,
+    with RunningGateway(repository=repository, models=SERVED, backend="triton", triton_url=f"dns:///{triton.server.grpc_url}",
                         max_batch=8) as gw:
         yield gw
 
@@ -253,7 +253,7 @@ def test_triton_down_means_not_ready_and_unavailable_then_recovers_by_itself(tri
 
         triton.start()
         wait_for(lambda: http.get("/readyz").status_code == 200, 30, "the gateway did not recover")
-        assert health(fronted) == health_pb2.HealthCheckResponse.SERVING
+        wait_for(lambda: health(fronted) == health_pb2.HealthCheckResponse.SERVING, 5, "gRPC health not SERVING")
         assert 'parsimony_gateway_backend_ready{model="scenes"} 1.0' in http.get("/metrics").text
     assert_equivalent(fronted, embedded, count=4)
 

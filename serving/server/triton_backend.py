@@ -88,7 +88,10 @@ class TritonBackend(Backend):
     async def load(self) -> None:
         from tritonclient.grpc import aio
 
-        options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+        # round robin over every address the URL resolves to: with ``dns:///triton-headless:8001`` calls
+        # spread over all Triton replicas instead of sticking to the one the connection reached
+        options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE),
+                   ("grpc.lb_policy_name", "round_robin")]
         self._client = aio.InferenceServerClient(self.url, channel_args=options)
         started = time.perf_counter()
         await self._wait_for_model(started + self.load_timeout_s)
