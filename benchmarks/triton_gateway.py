@@ -125,8 +125,11 @@ def _load_rows(load: dict) -> list[str]:
         for c, r in load[backend].items():
             lat = r["latency_ms"]
             errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "none"
+            server = r["server_ms"]
             rows.append(f"| {label} | {c} | {r['sent']} | {r['throughput_rps']:.1f} | {lat['p50']:.2f} | "
-                        f"{lat['p90']:.2f} | {lat['p99']:.2f} | {lat['max']:.2f} | {errors} |")
+                        f"{lat['p90']:.2f} | {lat['p99']:.2f} | {lat['max']:.2f} | {server['total_ms']:.2f} / "
+                        f"{server['queue_ms']:.2f} / {server['inference_ms']:.2f} | {server['batch_size_mean']:.2f} | "
+                        f"{errors} |")
     return rows
 
 
@@ -149,8 +152,9 @@ def report(result: dict, args: argparse.Namespace, argv: list[str]) -> str:
         f"{lat['gateway']['p99_ms']:.2f} |",
         f"| **added by the gateway** | **{lat['added']['p50_ms']:+.2f}** | **{lat['added']['p99_ms']:+.2f}** |",
         "", f"`python -m clients.load` (closed loop, {args.seconds:g} s per row, gRPC, the same PNG each request):", "",
-        "| backend | concurrency | requests | throughput req/s | p50 ms | p90 ms | p99 ms | max ms | errors |",
-        "|---|---|---|---|---|---|---|---|---|", *_load_rows(result["load"]), ""]
+        "| backend | concurrency | requests | throughput req/s | p50 ms | p90 ms | p99 ms | max ms | "
+        "server total / queue / inference ms (median) | mean batch | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|", *_load_rows(result["load"]), ""]
     return "\n".join(lines)
 
 
