@@ -44,6 +44,7 @@ TASK_SETS = {
 # counts without the fc layer; timm's resnet50d likewise).
 DECLARED = {
     "tiny": (8, 128, 497_120),
+    "tiny-wide": (8, 256, 1_975_232),
     "resnet18": (32, 512, 11_176_512),
     "resnet34": (32, 512, 21_284_672),
     "resnet50": (32, 2048, 23_508_032),
