@@ -12,6 +12,7 @@ Needs ``.venv-triton`` (``make triton-venv``); skips only with ``PARSIMONY_SKIP_
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,11 +47,15 @@ def triton_install():
 
 
 @pytest.fixture(scope="module")
-def repository(exported_run, exported_faces_run, tmp_path_factory):
-    base = tmp_path_factory.mktemp("gateway-triton")
-    runs = {"scenes": randomised_copy(exported_run, base / "scenes", 3),
+def runs(exported_run, exported_faces_run, tmp_path_factory):
+    base = tmp_path_factory.mktemp("gateway-triton-runs")
+    return {"scenes": randomised_copy(exported_run, base / "scenes", 3),
             "faces": randomised_copy(exported_faces_run, base / "faces", 4)}
-    repo = base / "model_repository"
+
+
+@pytest.fixture(scope="module")
+def repository(runs, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("gateway-triton") / "model_repository"
     for name, (run, options) in MODELS.items():
         convert(runs[run], repo, name, options)
     return repo
@@ -258,8 +263,44 @@ def test_triton_down_means_not_ready_and_unavailable_then_recovers_by_itself(tri
     assert_equivalent(fronted, embedded, count=4)
 
 
+def test_a_new_version_is_followed_once_triton_serves_it_without_failing_requests(runs, tmp_path):
+    """Triton polls the repository; the gateway polls it too but swaps only when Triton reports the
+    new version ready. A client keeps predicting throughout: every request succeeds."""
+    repo = tmp_path / "model_repository"
+    options = ServingOptions(format="python", max_batch=4)
+    convert(runs["scenes"], repo, "scenes", options)
+    poll = ("--disable-auto-complete-config", "--model-control-mode=poll", "--repository-poll-secs=1")
+    with start_tritonserver(repo, extra_args=poll) as server, \
+            RunningGateway(repository=repo, models=("scenes",), backend="triton", triton_url=server.grpc_url,
+                           poll_interval_s=0.2) as gw:
+        versions, failures, stop = [], [], threading.Event()
+
+        def keep_predicting():
+            data = image_bytes(SIZE)
+            while not stop.is_set():
+                try:
+                    versions.append(predict(gw, "scenes", data, timeout=10).model_version)
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}")
+
+        client = threading.Thread(target=keep_predicting)
+        client.start()
+        try:
+            wait_for(lambda: len(versions) > 20, 30, "no predictions on version 1")
+            convert(runs["scenes"], repo, "scenes", options)  # version 2, written as the converter always does
+            wait_for(lambda: versions and versions[-1] == 2, 60, "the gateway did not move to version 2")
+            moved = len(versions)
+            wait_for(lambda: len(versions) > moved + 20, 30, "no predictions on version 2")
+        finally:
+            stop.set()
+            client.join(30)
+    assert not failures, failures[:3]
+    assert versions[0] == 1 and set(versions) == {1, 2}
+    assert versions == sorted(versions)  # once on version 2, never back
+
+
 def test_startup_waits_for_triton_and_gives_up_with_a_clear_error(repository):
-    with pytest.raises(Exception, match="did not report model 'scenes' ready within 1 s"):
+    with pytest.raises(Exception, match="did not report model 'scenes' version 1 ready within 1 s"):
         with RunningGateway(repository=repository, models=("scenes",), backend="triton",
                             triton_url="127.0.0.1:1", triton_load_timeout_s=1):
             pass

@@ -8,9 +8,9 @@ each version's ``manifest.json`` (tasks, class names, input size), Triton the mo
 
 - **Outputs by name.** Every request names the outputs it wants and reads them back by name, so
   Triton may answer in any order and a model with extra outputs is still served.
-- **Versions.** `load` waits until Triton reports the model ready (Triton loads a new version on its
-  own, from its repository poll or an explicit load; the gateway only ever follows). Requests do
-  not pin a version: with the converter's "latest 1" version policy Triton unloads the old version
+- **Versions.** `load` waits until Triton reports *this* version ready (Triton loads a new version
+  on its own, from its repository poll or an explicit load; the gateway only ever follows, so it
+  swaps to version N+1 once Triton serves it). Requests do not pin a version: with the converter's "latest 1" version policy Triton unloads the old version
   as soon as the new one is ready, and a pinned request arriving in between would fail. Around a
   swap a response can therefore carry the previous version number for the length of one poll.
 - **Deadlines.** A batch is given the latest deadline of its requests as its client-side timeout;
@@ -19,8 +19,8 @@ each version's ``manifest.json`` (tasks, class names, input size), Triton the mo
 - **Retries.** UNAVAILABLE (a connection reset, Triton restarting) is retried with exponential
   backoff and jitter, at most ``retries`` times and never past the deadline; then the batch fails
   with UNAVAILABLE (503), which clients retry.
-- **Health.** A monitor task asks Triton every ``health_interval_s`` whether the server and the
-  model are ready. While they are not, `ready` is False: the gateway reports not-ready
+- **Health.** A monitor task asks Triton every ``health_interval_s`` whether it is live and the
+  model has a ready version. While they are not, `ready` is False: the gateway reports not-ready
   (``/readyz`` 503, gRPC health NOT_SERVING, so Kubernetes takes the pod out of its Service) and
   answers predictions with UNAVAILABLE at once instead of queueing them. When Triton is back the
   monitor notices and the gateway serves again; nothing has to be restarted.
@@ -110,13 +110,14 @@ class TritonBackend(Backend):
     async def _wait_for_model(self, give_up: float) -> None:
         waited_since = time.perf_counter()
         while True:
-            ready, reason = await self._probe()
+            ready, reason = await self._probe(str(self.metadata.version))
             if ready:
                 return
             if time.perf_counter() > give_up:
                 await self.close()
                 raise ModelLoadError(
-                    f"Triton at {self.url} did not report model {self.name!r} ready within {self.load_timeout_s:.0f} s "
+                    f"Triton at {self.url} did not report model {self.name!r} version {self.metadata.version} ready within "
+                f"{self.load_timeout_s:.0f} s "
                     f"({reason}); check that Triton serves the same repository and that its log shows the model "
                     f"loaded (raise --triton-load-timeout-s for slow engine loads)")
             if time.perf_counter() - waited_since > 10:
@@ -141,15 +142,19 @@ class TritonBackend(Backend):
         else:
             self.max_batch_size = min(self.max_batch_size, config.max_batch_size)
 
-    async def _probe(self) -> tuple[bool, str]:
-        """(ready, why not) from Triton's server and model readiness."""
+    async def _probe(self, version: str = "") -> tuple[bool, str]:
+        """(ready, why not): Triton is live and serves the model (``version`` "": any version).
+
+        Not Triton's own server readiness: that is false whenever any model of its repository is
+        loading, e.g. while it loads our next version next to the one serving us."""
         from tritonclient.utils import InferenceServerException
 
         try:
-            if not await self._client.is_server_ready(client_timeout=2.0):
-                return False, f"Triton at {self.url} is not ready"
-            if not await self._client.is_model_ready(self.name, client_timeout=2.0):
-                return False, f"Triton at {self.url} has no ready version of model {self.name!r}"
+            if not await self._client.is_server_live(client_timeout=2.0):
+                return False, f"Triton at {self.url} is not live"
+            if not await self._client.is_model_ready(self.name, version, client_timeout=2.0):
+                which = f"version {version}" if version else "version"
+                return False, f"Triton at {self.url} has no ready {which} of model {self.name!r}"
         except InferenceServerException as exc:
             return False, f"Triton at {self.url} does not answer ({_short(exc)})"
         return True, ""
