@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.duration is None and args.requests is None:
         args.duration = 10.0
+    try:  # before connecting: a bad setting should not read as a server problem
+        loadgen.check_bounds(args.concurrency, args.duration, args.requests, args.rate, args.arrivals)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.image is not None and not args.image.is_file():
+        parser.error(f"no such image file: {args.image}")
     return args
 
 

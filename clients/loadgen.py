@@ -141,7 +141,8 @@ async def _report_progress(rec: Recorder, progress: Progress, interval: float) -
         progress(rec.snapshot())
 
 
-def _check(concurrency: int, duration: float | None, requests: int | None, rate: float | None, arrivals: str) -> None:
+def check_bounds(concurrency: int, duration: float | None, requests: int | None, rate: float | None, arrivals: str) -> None:
+    """Refuse a run that is unbounded or cannot run (ValueError saying which setting is wrong)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     if duration is None and requests is None:
@@ -160,7 +161,7 @@ async def measure(client: AsyncClient, model: str, image: ImageInput, *, concurr
                   output_dtype: str = "float32", timeout: float | None = 30.0, seed: int = 0,
                   progress: Progress | None = None, progress_interval: float = 1.0) -> dict:
     """Run one bounded load with an open client and return the report (without server/model fields)."""
-    _check(concurrency, duration, requests, rate, arrivals)
+    check_bounds(concurrency, duration, requests, rate, arrivals)
     rec = Recorder()
     budget = Budget(duration, requests, rec.started)
     options = {"tasks": tasks, "output_dtype": output_dtype, "timeout": timeout}

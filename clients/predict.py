@@ -47,7 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resize", action="store_true",
                         help="resize images of another size to the model's input (bilinear, aspect ratio not kept)")
     parser.add_argument("--float16", action="store_true", help="ask for float16 depth and normals (half the bytes)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    missing = [str(path) for path in args.images if not path.is_file()]
+    if missing:  # before connecting: a typo should not read as a server problem
+        parser.error(f"no such image file: {', '.join(missing)}")
+    return args
 
 
 def write_outputs(p: Prediction, info: ModelInfo, stem: str, out: Path) -> dict[str, str]:

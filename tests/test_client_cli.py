@@ -113,6 +113,21 @@ def test_predict_reports_server_problems_with_exit_status(gw, tmp_path, capsys):
     assert predict_main([str(image), "--server", "http://h:1", "--tls"]) == 2
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "missing.png"], "no such image file: missing.png"),
+    (["load", "--concurrency", "0"], "concurrency must be at least 1"),
+    (["load", "--rate", "-5"], "rate must be > 0"),
+    (["load", "--image", "missing.png"], "no such image file: missing.png"),
+])
+def test_bad_arguments_are_refused_before_connecting(argv, message, capsys):
+    """Exit status 2 and the reason, with no server at the address: the settings are checked first."""
+    command, *rest = argv
+    main = predict_main if command == "predict" else load_main
+    with pytest.raises(SystemExit) as exit_:
+        main([*rest, "--server", f"127.0.0.1:{free_port()}"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def check_report(r: dict) -> None:
     assert set(r) == REPORT_KEYS
     assert r["sent"] == r["ok"] + r["error_count"] == r["ok"] + sum(r["errors"].values())
