@@ -40,13 +40,14 @@ from training.config import load_yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def step(title: str, cmd: list[str]) -> None:
+def step(title: str, cmd: list[str]) -> list[str]:
+    """Print ``python -m ...`` as a user would type it; return it to run with this interpreter."""
     print(f"\n== {title}\n$ {shlex.join(cmd)}", flush=True)
+    return [sys.executable, *cmd[1:]]
 
 
 def run(title: str, cmd: list[str]) -> None:
-    step(title, cmd)
-    subprocess.run([sys.executable, *cmd[1:]] if cmd[0] == "python" else cmd, check=True, cwd=ROOT)
+    subprocess.run(step(title, cmd), check=True, cwd=ROOT)
 
 
 def sample_image(run_dir: Path, index: int = 0) -> Path:
@@ -70,9 +71,9 @@ def serve(repository: Path, name: str, log_path: Path) -> tuple[subprocess.Popen
     grpc_port, http_port = free_ports(2)
     cmd = ["python", "-m", "serving.server", "--repository", str(repository), "--model", name, "--host", "127.0.0.1",
            "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--max-batch", "8"]
-    step(f"serve (log: {log_path})", cmd)
+    argv = step(f"serve (log: {log_path})", cmd)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, *cmd[1:]], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return process, grpc_port, http_port
 
 

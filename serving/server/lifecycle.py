@@ -156,12 +156,14 @@ class GatewayServer:
         serving = True
         while self.state is State.READY:
             await asyncio.sleep(period_s)
-            ready = self.models.ready
-            if ready != serving and self.state is State.READY:
-                serving = ready
-                await self._set_health(SERVING if ready else NOT_SERVING)
-                log.log(logging.INFO if ready else logging.WARNING, "health: %s%s", "SERVING" if ready else
-                        "NOT_SERVING: ", "" if ready else self.models.not_ready())
+            not_ready = self.models.not_ready()
+            if serving == bool(not_ready) and self.state is State.READY:
+                serving = not not_ready
+                await self._set_health(SERVING if serving else NOT_SERVING)
+                if serving:
+                    log.info("health: SERVING")
+                else:
+                    log.warning("health: NOT_SERVING: %s", not_ready)
 
     async def _set_health(self, status) -> None:
         for service in ("", grpc_service.SERVICE):

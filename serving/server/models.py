@@ -145,7 +145,7 @@ class ModelManager:
     @property
     def ready(self) -> bool:
         """Every model is loaded and its backend can run requests now (a remote backend can go away)."""
-        return all(name in self._models and self._models[name].backend.ready for name in self._sources)
+        return not self.not_ready()
 
     def not_ready(self) -> dict[str, str]:
         """Model name -> why it cannot serve now, for the models that cannot."""

@@ -10,9 +10,10 @@ each version's ``manifest.json`` (tasks, class names, input size), Triton the mo
   Triton may answer in any order and a model with extra outputs is still served.
 - **Versions.** `load` waits until Triton reports *this* version ready (Triton loads a new version
   on its own, from its repository poll or an explicit load; the gateway only ever follows, so it
-  swaps to version N+1 once Triton serves it). Requests do not pin a version: with the converter's "latest 1" version policy Triton unloads the old version
-  as soon as the new one is ready, and a pinned request arriving in between would fail. Around a
-  swap a response can therefore carry the previous version number for the length of one poll.
+  swaps to version N+1 once Triton serves it). Requests do not pin a version: with the converter's
+  "latest 1" version policy Triton unloads the old version as soon as the new one is ready, and a
+  pinned request arriving in between would fail. Around a swap a response can therefore carry the
+  previous version number for the length of one poll.
 - **Deadlines.** A batch is given the latest deadline of its requests as its client-side timeout;
   when it passes the batch fails with DEADLINE_EXCEEDED (the batcher already expired requests whose
   own deadlines passed).
@@ -37,6 +38,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tritonclient.grpc import InferInput, InferRequestedOutput, aio
+from tritonclient.utils import InferenceServerException
 
 from serving.server.backend import Backend, register_backend
 from serving.server.errors import BackendUnavailable, DeadlineExceeded, GatewayError, ModelLoadError
@@ -86,8 +89,6 @@ class TritonBackend(Backend):
         return "" if self.ready else self._reason
 
     async def load(self) -> None:
-        from tritonclient.grpc import aio
-
         # round robin over every address the URL resolves to: with ``dns:///triton-headless:8001`` calls
         # spread over all Triton replicas instead of sticking to the one the connection reached
         options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -116,9 +117,8 @@ class TritonBackend(Backend):
             if time.perf_counter() > give_up:
                 await self.close()
                 raise ModelLoadError(
-                    f"Triton at {self.url} did not report model {self.name!r} version {self.metadata.version} ready within "
-                f"{self.load_timeout_s:.0f} s "
-                    f"({reason}); check that Triton serves the same repository and that its log shows the model "
+                    f"Triton at {self.url} did not report model {self.name!r} version {self.metadata.version} ready "
+                    f"within {self.load_timeout_s:.0f} s ({reason}); check that Triton serves the same repository and that its log shows the model "
                     f"loaded (raise --triton-load-timeout-s for slow engine loads)")
             if time.perf_counter() - waited_since > 10:
                 log.info("model %s: waiting for Triton at %s (%s)", self.name, self.url, reason)
@@ -147,8 +147,6 @@ class TritonBackend(Backend):
 
         Not Triton's own server readiness: that is false whenever any model of its repository is
         loading, e.g. while it loads our next version next to the one serving us."""
-        from tritonclient.utils import InferenceServerException
-
         try:
             if not await self._client.is_server_live(client_timeout=2.0):
                 return False, f"Triton at {self.url} is not live"
@@ -183,19 +181,18 @@ class TritonBackend(Backend):
 
     async def infer(self, batch: np.ndarray, outputs: Sequence[str],
                     deadline: float | None = None) -> dict[str, np.ndarray]:
-        from tritonclient.grpc import InferInput, InferRequestedOutput
-        from tritonclient.utils import InferenceServerException
-
         names = list(outputs)
         tensor = InferInput(INPUT_NAME, list(batch.shape), "FP32")
         tensor.set_data_from_numpy(np.ascontiguousarray(batch, np.float32))
         wanted = [InferRequestedOutput(n) for n in names]
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             timeout = self.call_timeout_s if deadline is None else deadline - time.perf_counter()
             if timeout <= 0:
                 raise DeadlineExceeded("the request's deadline passed while the gateway was retrying Triton")
             try:
                 result = await self._client.infer(self.name, [tensor], outputs=wanted, client_timeout=timeout)
+                return {n: result.as_numpy(n) for n in names}
             except InferenceServerException as exc:
                 status = exc.status()
                 if status == DEADLINE:
@@ -209,13 +206,11 @@ class TritonBackend(Backend):
                     raise BackendUnavailable(
                         f"Triton at {self.url} is unavailable after {self.retries + 1} attempts "
                         f"({_short(exc)}); retry with backoff") from exc
-                pause = self.retry_backoff_s * 2**attempt * (0.5 + random.random())
-                if deadline is not None:
-                    pause = min(pause, max(0.0, deadline - time.perf_counter()))
-                await asyncio.sleep(pause)
-                continue
-            return {n: result.as_numpy(n) for n in names}
-        raise AssertionError("unreachable")
+            pause = self.retry_backoff_s * 2**attempt * (0.5 + random.random())
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - time.perf_counter()))
+            await asyncio.sleep(pause)
+            attempt += 1
 
     async def close(self) -> None:
         self._loaded = False
