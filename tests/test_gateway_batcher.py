@@ -101,7 +101,22 @@ def test_max_batch_is_respected():
         await asyncio.gather(*(b.submit(image(0), ["seg"]) for _ in range(7)))
 
     run(_with_batcher(backend, body, max_batch=3))
-    assert [n for n, _ in backend.batches] == [3, 3, 1]
+    assert [n for n, _ in backend.batches] == [1, 3, 3]  # the first finds the batcher idle and runs alone
+
+
+def test_a_caller_that_gives_up_during_its_idle_run_frees_the_batcher():
+    backend = ScriptedBackend(delay=0.05)
+
+    async def body(b):
+        first = asyncio.ensure_future(b.submit(image(0), ["seg"]))  # idle: runs at once, in its caller's task
+        await asyncio.sleep(0.01)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await asyncio.wait_for(b.submit(image(0.5), ["depth"]), 2)
+
+    result = run(_with_batcher(backend, body))
+    assert result.outputs == {"depth": pytest.approx(0.5)} and len(backend.batches) == 2
 
 
 def test_backend_max_batch_size_caps_the_batcher():

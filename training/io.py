@@ -10,8 +10,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def readable_mode() -> int:
     """The mode ``open()`` would give a new file (0o666 less the umask). ``mkstemp`` makes 0o600,
@@ -65,6 +63,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch  # only here: the rest of this module serves torch-free readers too
+
     _atomic(Path(path), lambda p: torch.save(obj, p))
 
 

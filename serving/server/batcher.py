@@ -93,7 +93,10 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         now = time.perf_counter()
-        self._queue.append(_Item(image, tuple(outputs), future, now, deadline))
+        item = _Item(image, tuple(outputs), future, now, deadline)
+        if not self._queue and not self._slots.locked() and self.max_delay_s <= 0:
+            return await self._run_now(item)
+        self._queue.append(item)
         self._wakeup.set()
         if deadline is None:
             return await future
@@ -103,6 +106,17 @@ class DynamicBatcher:
             return await future
         finally:
             timer.cancel()
+
+    async def _run_now(self, item: _Item) -> BatchResult:
+        """The idle fast path: nothing queued and a free slot, so this request is the whole batch;
+        run it from the caller's task instead of waking the worker and creating a batch task (two
+        event-loop round trips per request). Requests arriving meanwhile queue for the worker."""
+        await self._slots.acquire()  # free (checked by the caller, nothing awaited since)
+        try:
+            await self._execute([item])
+        finally:
+            self._slots.release()
+        return item.future.result()
 
     def flush(self) -> None:
         """From now on run queued requests at once, without holding batches to fill (the server is draining)."""

@@ -16,19 +16,17 @@ import json
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
-import onnxruntime
-import torch
-from torch import nn
-
-from training.export.onnx_export import ExportReport
 from training.export.spec import INPUT_NAME, ModelIOSpec, io_spec
 from training.io import atomic_write_json
-from training.models.complexity import count_macs, count_parameters
 from training.models.config import ModelConfig
 from training.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from training.export.onnx_export import ExportReport
 
 MANIFEST_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
@@ -59,6 +57,9 @@ def build_manifest(
     ``source_checkpoint`` is the weights file the model was loaded from (hashed, not read as a
     checkpoint); ``extra`` is stored as is under ``"extra"`` (e.g. a run id or metrics).
     """
+    # here, not at the top: this needs PyTorch, readers of manifests do not
+    from training.models.complexity import count_macs, count_parameters
+
     config: ModelConfig = model.config
     _check_consistent(config, io_spec_, image_size, report)
     h, w = image_size
@@ -190,6 +191,10 @@ def sha256_file(path: str | Path) -> str:
 
 
 def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
     try:
         parsimony = metadata.version("parsimony")
     except metadata.PackageNotFoundError:

@@ -7,52 +7,34 @@ Typical use::
     same = build_model(ModelConfig.from_dict(model.config.to_dict()))  # rebuild from a config
 """
 
-from training.models.complexity import count_macs, count_parameters, macs_by_module, macs_by_prefix
-from training.models.config import (
-    ConfigError,
-    EncoderConfig,
-    HeadConfig,
-    ModelConfig,
-    StageConfig,
-)
-from training.models.encoder import BasicBlock, Bottleneck, ResNetEncoder
-from training.models.heads import available_heads, build_head, register_head
-from training.models.layers import ConvBNAct
-from training.models.multitask import MultiTaskModel
-from training.models.pretrained import PretrainedMismatch, load_torchvision_resnet
-from training.models.registry import (
-    available_encoders,
-    build_model,
-    create_model,
-    encoder_config,
-    model_config,
-    register_encoder,
-)
+from training._lazy import lazy_exports
 
-__all__ = [
-    "BasicBlock",
-    "Bottleneck",
-    "ConfigError",
-    "ConvBNAct",
-    "EncoderConfig",
-    "HeadConfig",
-    "ModelConfig",
-    "MultiTaskModel",
-    "PretrainedMismatch",
-    "ResNetEncoder",
-    "StageConfig",
-    "available_encoders",
-    "available_heads",
-    "build_head",
-    "build_model",
-    "count_macs",
-    "count_parameters",
-    "create_model",
-    "encoder_config",
-    "load_torchvision_resnet",
-    "macs_by_module",
-    "macs_by_prefix",
-    "model_config",
-    "register_encoder",
-    "register_head",
-]
+_EXPORTS = {
+    "BasicBlock": ".encoder",
+    "Bottleneck": ".encoder",
+    "ConfigError": ".config",
+    "ConvBNAct": ".layers",
+    "EncoderConfig": ".config",
+    "HeadConfig": ".config",
+    "ModelConfig": ".config",
+    "MultiTaskModel": ".multitask",
+    "PretrainedMismatch": ".pretrained",
+    "ResNetEncoder": ".encoder",
+    "StageConfig": ".config",
+    "available_encoders": ".registry",
+    "available_heads": ".heads",
+    "build_head": ".heads",
+    "build_model": ".registry",
+    "count_macs": ".complexity",
+    "count_parameters": ".complexity",
+    "create_model": ".registry",
+    "encoder_config": ".registry",
+    "load_torchvision_resnet": ".pretrained",
+    "macs_by_module": ".complexity",
+    "macs_by_prefix": ".complexity",
+    "model_config": ".registry",
+    "register_encoder": ".registry",
+    "register_head": ".heads",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
