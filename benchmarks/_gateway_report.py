@@ -46,8 +46,24 @@ def report(results: list[dict], args, env: dict) -> str:
                      f"{g['throughput']['images_per_s']:.1f} ({g['max_batch']}; {g['throughput']['mean_batch']:.1f}) | "
                      f"{r['ratios']['throughput']:.3f} {_mark(r['throughput_met'])} | "
                      f"{g['floor']['requests_per_s']:.0f} |")
+    bounded = [r for r in results if r.get("bounds")]
+    if bounded:
+        lines += ["", "What any Python gRPC front end can reach here (`benchmarks/_gateway_bounds.py`): h2load, a C client, "
+                  "against a no-op grpc.aio server answering with the gateway's response bytes, and against the gateway:",
+                  "", "| model | no-op round trip p50 (ms) | no-op server CPU per call (ms) | best possible p50 ratio "
+                  "| best possible throughput ratio | gateway, C client: images/s (ratio) | gateway process CPU per call, forward pass included (ms) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in bounded:
+            b, noop, gw = r["bounds"], r["gateway"]["floor"]["c_client"], r["gateway"]["throughput_c_client"]
+            lines.append(
+                f"| {r['model']} | {noop['1']['p50_ms']:.2f} | {noop[str(args.concurrency)]['server_cpu_ms_per_call']:.2f} "
+                f"| ≥ {b['p50_ratio_floor']:.3f} {_mark(b['p50_ratio_floor'] <= 1.05)} "
+                f"| ≤ {b['throughput_ratio_ceiling']:.3f} {_mark(b['throughput_ratio_ceiling'] >= 0.9)} "
+                f"| {gw['requests_per_s']:.1f} ({r['ratios']['throughput_c_client']:.3f}) "
+                f"| {gw['server_cpu_ms_per_call']:.2f} |")
     lines += ["", "ORT latency is measured with its threads spinning (s) exactly when the gateway's spin (n: neither "
-              "spins, the gateway's default; --ort-spinning: both); ORT's best throughput is the better of the two. "
+              "spins, the gateway's default; --ort-spinning: both). ORT's best throughput: the best batch size and "
+              "spinning setting of a sweep, re-measured in alternating rounds with the gateway's throughput. "
               "The gRPC floor is a no-op grpc.aio server answering with "
               "the same response bytes: the transport and Python gRPC cost on both ends, which any Python gateway "
               "pays on top of the forward pass."]

@@ -61,6 +61,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from benchmarks._gateway_bounds import INSTALL_HINT, ceilings, echo_server, h2load_available, h2load_run
 from benchmarks._gateway_report import report, update_markdown
 from benchmarks.compaction import CASES, sparsify
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
@@ -237,7 +238,22 @@ async def _throughput(port: int, request: pb.PredictRequest, concurrency: int, s
 
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return {"images_per_s": done / elapsed, "requests": done, "mean_batch": statistics.fmean(batches)}
+    return {"images_per_s": done / elapsed, "requests": done, "seconds": elapsed, "mean_batch": statistics.fmean(batches)}
+
+
+def alternating_throughput(port: int, request: pb.PredictRequest, session: ort.InferenceSession, xb: np.ndarray,
+                           args) -> tuple[float, dict]:
+    """ORT at its best batch ``xb`` and the gateway at ``--concurrency``, in ``args.rounds`` alternating
+    rounds (drift in the machine's speed hits both alike; re-measuring the best configuration also
+    drops the bias of having picked it as the best of ten noisy figures): (ORT images/s, gateway)."""
+    ort_seconds, ort_images, rounds = 0.0, 0, []
+    for _ in range(args.rounds):
+        times = sample_ms(lambda: session.run(None, {"image": xb}), repeats=2, min_time=args.seconds / args.rounds)
+        ort_seconds, ort_images = ort_seconds + sum(times) / 1e3, ort_images + len(times) * len(xb)
+        rounds.append(asyncio.run(_throughput(port, request, args.concurrency, args.seconds / args.rounds)))
+    requests, seconds = sum(r["requests"] for r in rounds), sum(r["seconds"] for r in rounds)
+    mean_batch = sum(r["mean_batch"] * r["requests"] for r in rounds) / requests
+    return ort_images / ort_seconds, {"images_per_s": requests / seconds, "requests": requests, "mean_batch": mean_batch}
 
 
 def measure(repo: Path, name: str, image: np.ndarray, onnx_path: Path, args) -> tuple[dict, dict]:
@@ -252,13 +268,17 @@ def measure(repo: Path, name: str, image: np.ndarray, onnx_path: Path, args) -> 
     try:
         ort_latency, tensor = alternating_latency(port, request, sessions, x, args)
         png = measure_latency(port, pb.PredictRequest(model=name, encoded_image=encode(image, "PNG")), args)
-        throughput = asyncio.run(_throughput(port, request, args.concurrency, args.seconds))
+        best_session, xb = sessions[ort_result["throughput_spinning"]], np.repeat(x, ort_result["best_batch"], axis=0)
+        ort_result["sweep_best_throughput"] = ort_result["best_throughput"]
+        ort_result["best_throughput"], throughput = alternating_throughput(port, request, best_session, xb, args)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             canned = pb_grpc.PredictionServiceStub(channel).Predict(request).SerializeToString()
+        c_client = (h2load_run(port, SERVICE, request.SerializeToString(), concurrency=args.concurrency,
+                               seconds=args.seconds, pid=proc.pid, response_bytes=len(canned) // 2) if args.h2load else None)
     finally:
         stop_gateway(proc)
     gateway = {"max_batch": max_batch, "tensor": tensor, "png": png, "throughput": throughput,
-               "floor": measure_floor(canned, request, args)}
+               "throughput_c_client": c_client, "floor": measure_floor(canned, request, args)}
     return {**ort_result, **ort_latency}, gateway
 
 
@@ -268,31 +288,22 @@ def measure_floor(response: bytes, request: pb.PredictRequest, args) -> dict:
     any Python gateway pays on top of the forward pass."""
     context = multiprocessing.get_context("spawn")
     ports = context.Queue()
-    server = context.Process(target=_echo_server, args=(response, ports), daemon=True)
+    server = context.Process(target=echo_server, args=(response, ports), daemon=True)
     server.start()
     try:
         port = ports.get(timeout=60)
         latency = measure_latency(port, request, args)
         throughput = asyncio.run(_throughput(port, request, args.concurrency, args.seconds))
+        c_client = {}
+        if args.h2load:  # the no-op server's own round trip and CPU per call, with a client that costs ~nothing
+            for concurrency in (1, args.concurrency):
+                c_client[concurrency] = h2load_run(port, SERVICE, request.SerializeToString(), concurrency=concurrency,
+                                                   seconds=args.seconds / 2, pid=server.pid, response_bytes=len(response) // 2)
     finally:
         server.terminate()
         server.join(30)
-    return {"p50_ms": latency["p50_ms"], "requests_per_s": throughput["images_per_s"]}
-
-
-def _echo_server(response: bytes, ports) -> None:
-    async def predict(request: bytes, context) -> bytes:
-        return response
-
-    async def serve() -> None:
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1)])
-        handler = grpc.unary_unary_rpc_method_handler(predict, request_deserializer=None, response_serializer=None)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Predict": handler}),))
-        ports.put(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
+    return {"p50_ms": latency["p50_ms"], "requests_per_s": throughput["images_per_s"],
+            "c_client": {str(k): v for k, v in c_client.items()}}
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -307,9 +318,17 @@ def run_model(key: str, args) -> dict:
         log.info("%s %dx%d: exported; measuring ONNX Runtime in process, the gateway and the gRPC floor", key, *size)
         ort_result, gateway = measure(repo, key, image, version / "model.onnx", args)
     ort_p50, gw_p50, floor = ort_result["p50_ms"], gateway["tensor"]["p50_ms"], gateway["floor"]["p50_ms"]
+    best = ort_result["best_throughput"]
     ratios = {"p50": gw_p50 / ort_p50, "p50_without_transport": (gw_p50 - floor) / ort_p50,
-              "throughput": gateway["throughput"]["images_per_s"] / ort_result["best_throughput"]}
-    return {"model": key, "case": CASES[key].name, "image_size": list(size), "ort": ort_result, "gateway": gateway,
+              "throughput": gateway["throughput"]["images_per_s"] / best}
+    bounds = None
+    if args.h2load:
+        c_client = gateway["floor"]["c_client"]
+        bounds = ceilings(ort_p50_ms=ort_p50, ort_best_per_s=best, cores=len(os.sched_getaffinity(0)),
+                          noop_latency_ms=c_client["1"]["p50_ms"],
+                          noop_cpu_ms=c_client[str(args.concurrency)]["server_cpu_ms_per_call"])
+        ratios["throughput_c_client"] = gateway["throughput_c_client"]["requests_per_s"] / best
+    return {"bounds": bounds, "model": key, "case": CASES[key].name, "image_size": list(size), "ort": ort_result, "gateway": gateway,
             "ratios": ratios, "p50_met": ratios["p50"] <= P50_TARGET,
             "throughput_met": ratios["throughput"] >= THROUGHPUT_TARGET}
 
@@ -329,12 +348,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="alternating rounds of ORT and gateway latency (default 3; quick 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the zeroed channels")
     p.add_argument("--ort-spinning", action="store_true", help="start the gateway with --ort-spinning")
+    p.add_argument("--no-h2load", dest="h2load", action="store_false",
+                   help=f"skip the measurements with h2load, a C load generator ({INSTALL_HINT}): the no-op server's "
+                        f"own cost, the ceilings it implies, and the gateway's throughput without a Python client")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--markdown", help="write the table into this file's gateway section (e.g. docs/BENCHMARKS.md)")
     args = p.parse_args(argv)
     args.calls = args.calls if args.calls is not None else (5 if args.quick else 20)
     args.seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 10.0)
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if args.h2load and not h2load_available():
+        p.error(f"h2load is not installed ({INSTALL_HINT}), or pass --no-h2load")
     if min(args.calls, args.rounds, args.concurrency, args.threads) < 1 or args.seconds <= 0:
         p.error("--calls, --rounds, --concurrency and --threads must be positive, --seconds > 0")
     return args

@@ -3,8 +3,9 @@
 #
 #   docker build -f deploy/docker/gateway.Dockerfile -t REGISTRY/parsimony-gateway:0.1.0 .
 #
-# Slim: python's slim base and PyTorch's CPU-only wheels (the gateway imports torch for the export's
-# tensor spec and never runs it on a GPU; the CUDA build would add about 5 GB). Runs as uid 10001
+# Slim: python's slim base and PyTorch's CPU-only wheels. The gateway never imports torch (a test checks
+# it), but the parsimony package depends on it, so pip installs it: the CPU-only build, as the CUDA
+# build would add about 5 GB. Runs as uid 10001
 # with nothing written outside /tmp, so Kubernetes can mount the root file system read-only.
 # Built with BuildKit (Docker 23+ or `docker buildx build`); the context is the repository root,
 # filtered by its .dockerignore.
