@@ -11,7 +11,8 @@ random and compacted (round_to 8), exported with its manifest into a model repos
 
 For each model, first in this process with nothing else running:
 
-- **ORT best batched throughput**: images/s of ``session.run`` at batch 1, 2, 4, 8 and 16, the best;
+- **ORT's best batched configuration**: images/s of ``session.run`` at batch 1, 2, 4, 8 and 16, with
+  and without spinning threads; the fastest is re-measured below, next to the gateway;
 - **decode**: PIL decoding of the image as PNG and as JPEG (quality 90) plus ``preprocess``.
 
 Then with the gateway (`python -m serving.server`, a subprocess, same ONNX Runtime thread count)
@@ -23,17 +24,20 @@ running, over gRPC from this process:
   serialisation of every task's output included; client-measured round trip, next to the server's
   own stage timings). A second gateway series sends PNG bytes, whose server ``decode_ms`` is
   reported separately. The idle gateway takes no CPU while ORT runs (no spinning threads);
-- **gateway throughput, concurrency 16**: 16 concurrent callers (one grpc.aio channel) send raw
-  tensors back to back; images/s over the measured window and the mean batch size the dynamic
-  batcher formed (``--max-queue-delay-ms 0``; ``--max-batch`` set to the batch size at which ONNX
-  Runtime was fastest in process, as an operator would tune it, unless ``--max-batch`` is given).
+- **gateway throughput, concurrency 16**, in ``--rounds`` rounds alternating with ORT's best
+  configuration in process: 16 concurrent callers (one grpc.aio channel) send raw tensors back to
+  back; images/s over the measured windows and the mean batch size the dynamic batcher formed
+  (``--max-queue-delay-ms 0``; ``--max-batch`` set to the batch size at which ONNX Runtime was
+  fastest in process, as an operator would tune it, unless ``--max-batch`` is given); then the same
+  with h2load, a C client, as the load generator (see `benchmarks._gateway_bounds`).
 - **gRPC floor**: the same calls against a no-op grpc.aio server that answers with the gateway's
   response bytes: what the loopback and Python gRPC on both ends cost, which no Python gateway
   avoids; the gateway's own share is its p50 minus this floor.
 
 ONNX Runtime's latency is compared like for like: its threads spin exactly when the gateway's do
 (``--ort-spinning``; off by default in both, see `serving.server.backend`); its best batched
-throughput is the better of spinning and not.
+throughput is the better of spinning and not. With h2load installed, `benchmarks._gateway_bounds`
+adds what no Python gRPC front end can beat here (``--no-h2load`` skips it).
 
 Targets (issue 6): gateway p50 <= 1.05 x ORT p50; gateway throughput >= 0.9 x ORT's best batched
 throughput. Client and server share the machine's cores, as they would on one node.
@@ -220,10 +224,12 @@ def _stages(responses: list[pb.PredictResponse]) -> dict[str, float]:
             for f in ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms", "total_ms")}
 
 
-async def _throughput(port: int, request: pb.PredictRequest, concurrency: int, seconds: float) -> dict:
+async def _throughput(port: int, request: pb.PredictRequest, concurrency: int, seconds: float,
+                      warmup: bool = True) -> dict:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.PredictionServiceStub(channel)
-        await asyncio.gather(*(stub.Predict(request) for _ in range(concurrency)))  # warm-up round
+        if warmup:
+            await asyncio.gather(*(stub.Predict(request) for _ in range(concurrency)))
         done, batches = 0, []
         start = time.perf_counter()
         until = start + seconds
@@ -231,7 +237,7 @@ async def _throughput(port: int, request: pb.PredictRequest, concurrency: int, s
         async def caller() -> None:
             nonlocal done
             rounds = 0
-            while time.perf_counter() < until or rounds < 2:
+            while time.perf_counter() < until or rounds < 1:
                 response = await stub.Predict(request)
                 batches.append(response.timings.batch_size)
                 done, rounds = done + 1, rounds + 1
@@ -248,9 +254,10 @@ def alternating_throughput(port: int, request: pb.PredictRequest, session: ort.I
     drops the bias of having picked it as the best of ten noisy figures): (ORT images/s, gateway)."""
     ort_seconds, ort_images, rounds = 0.0, 0, []
     for _ in range(args.rounds):
-        times = sample_ms(lambda: session.run(None, {"image": xb}), repeats=2, min_time=args.seconds / args.rounds)
+        times = sample_ms(lambda: session.run(None, {"image": xb}), repeats=2, warmup=1, min_time=args.seconds / args.rounds)
         ort_seconds, ort_images = ort_seconds + sum(times) / 1e3, ort_images + len(times) * len(xb)
-        rounds.append(asyncio.run(_throughput(port, request, args.concurrency, args.seconds / args.rounds)))
+        rounds.append(asyncio.run(_throughput(port, request, args.concurrency, args.seconds / args.rounds,
+                                              warmup=not rounds)))
     requests, seconds = sum(r["requests"] for r in rounds), sum(r["seconds"] for r in rounds)
     mean_batch = sum(r["mean_batch"] * r["requests"] for r in rounds) / requests
     return ort_images / ort_seconds, {"images_per_s": requests / seconds, "requests": requests, "mean_batch": mean_batch}
@@ -345,7 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the gateway's --max-batch (default: the batch size with ONNX Runtime's best throughput)")
     p.add_argument("--seconds", type=float, default=None, help="at least this long per measurement (default 10; quick 1)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="alternating rounds of ORT and gateway latency (default 3; quick 1)")
+                   help="alternating rounds of ORT and the gateway, for latency and for throughput (default 6; quick 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the zeroed channels")
     p.add_argument("--ort-spinning", action="store_true", help="start the gateway with --ort-spinning")
     p.add_argument("--no-h2load", dest="h2load", action="store_false",
@@ -356,7 +363,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.calls = args.calls if args.calls is not None else (5 if args.quick else 20)
     args.seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 10.0)
-    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 6)
     if args.h2load and not h2load_available():
         p.error(f"h2load is not installed ({INSTALL_HINT}), or pass --no-h2load")
     if min(args.calls, args.rounds, args.concurrency, args.threads) < 1 or args.seconds <= 0:
