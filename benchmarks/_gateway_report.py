@@ -8,8 +8,8 @@ from pathlib import Path
 MARK_BEGIN, MARK_END = "<!-- benchmarks.gateway:begin -->", "<!-- benchmarks.gateway:end -->"
 
 
-def _spin(spinning: bool) -> str:
-    return " (s)" if spinning else " (n)"
+def _spin(mode: str) -> str:
+    return f" ({mode})"
 
 
 def _mark(met: bool) -> str:
@@ -61,9 +61,9 @@ def report(results: list[dict], args, env: dict) -> str:
                 f"| ≤ {b['throughput_ratio_ceiling']:.3f} {_mark(b['throughput_ratio_ceiling'] >= 0.9)} "
                 f"| {gw['requests_per_s']:.1f} ({r['ratios']['throughput_c_client']:.3f}) "
                 f"| {gw['server_cpu_ms_per_call']:.2f} |")
-    lines += ["", "ORT latency is measured with its threads spinning (s) exactly when the gateway's spin (n: neither "
-              "spins, the gateway's default; --ort-spinning: both). ORT's best throughput: the best batch size and "
-              "spinning setting of a sweep, re-measured in alternating rounds with the gateway's throughput. "
+    lines += ["", "ORT's threads spin as the gateway's do for the latency (run: within a forward pass only, the "
+              "gateway's default; always; never). ORT's best throughput: the best batch size and "
+              "spinning mode of a sweep, re-measured in alternating rounds with the gateway's throughput. "
               "The gRPC floor is a no-op grpc.aio server answering with "
               "the same response bytes: the transport and Python gRPC cost on both ends, which any Python gateway "
               "pays on top of the forward pass."]

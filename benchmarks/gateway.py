@@ -12,7 +12,7 @@ random and compacted (round_to 8), exported with its manifest into a model repos
 For each model, first in this process with nothing else running:
 
 - **ORT's best batched configuration**: images/s of ``session.run`` at batch 1, 2, 4, 8 and 16, with
-  and without spinning threads; the fastest is re-measured below, next to the gateway;
+  each spinning mode; the fastest is re-measured below, next to the gateway;
 - **decode**: PIL decoding of the image as PNG and as JPEG (quality 90) plus ``preprocess``.
 
 Then with the gateway (`python -m serving.server`, a subprocess, same ONNX Runtime thread count)
@@ -23,7 +23,8 @@ running, over gRPC from this process:
   gateway Predict calls with a raw ``uint8 [H, W, 3]`` tensor (no decode; preprocess, argmax and
   serialisation of every task's output included; client-measured round trip, next to the server's
   own stage timings). A second gateway series sends PNG bytes, whose server ``decode_ms`` is
-  reported separately. The idle gateway takes no CPU while ORT runs (no spinning threads);
+  reported separately. The idle gateway takes no CPU while ORT runs (its threads stop spinning
+  when a forward pass returns);
 - **gateway throughput, concurrency 16**, in ``--rounds`` rounds alternating with ORT's best
   configuration in process: 16 concurrent callers (one grpc.aio channel) send raw tensors back to
   back; images/s over the measured windows and the mean batch size the dynamic batcher formed
@@ -35,8 +36,8 @@ running, over gRPC from this process:
   avoids; the gateway's own share is its p50 minus this floor.
 
 ONNX Runtime's latency is compared like for like: its threads spin exactly when the gateway's do
-(``--ort-spinning``; off by default in both, see `serving.server.backend`); its best batched
-throughput is the better of spinning and not. With h2load installed, `benchmarks._gateway_bounds`
+(``--ort-spinning``, default ``run``: within a forward pass only, see `serving.server.backend`); its
+best batched throughput is the best of the spinning modes. With h2load installed, `benchmarks._gateway_bounds`
 adds what no Python gRPC front end can beat here (``--no-h2load`` skips it).
 
 Targets (issue 6): gateway p50 <= 1.05 x ORT p50; gateway throughput >= 0.9 x ORT's best batched
@@ -70,6 +71,7 @@ from benchmarks._gateway_report import report, update_markdown
 from benchmarks.compaction import CASES, sparsify
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.proto.parsimony.v1 import gateway_pb2_grpc as pb_grpc
+from serving.server.backend import SPINNING
 from serving.server.codec import preprocess
 from serving.server.grpc_service import SERVICE
 from training.io import atomic_write_json
@@ -124,22 +126,23 @@ def encode(image: np.ndarray, fmt: str) -> bytes:
 # --- in-process ONNX Runtime ----------------------------------------------------------------------
 
 
-def ort_sessions(onnx_path: Path, threads: int) -> dict[bool, ort.InferenceSession]:
-    """ONNX Runtime with its threads spinning (its default) and without (the gateway's default):
-    the baseline is the better of the two for each figure."""
+def ort_sessions(onnx_path: Path, threads: int) -> dict[str, ort.InferenceSession]:
+    """ONNX Runtime with each spinning mode of the gateway's (`serving.server.backend.SPINNING`):
+    latency is compared with the gateway's own mode, throughput with the best mode."""
     sessions = {}
-    for spinning in (True, False):
+    for mode, (allow, stop) in SPINNING.items():
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        sessions[spinning] = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        options.add_session_config_entry("session.intra_op.allow_spinning", allow)
+        options.add_session_config_entry("session.force_spinning_stop", stop)
+        sessions[mode] = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     return sessions
 
 
-def ort_throughput(sessions: dict[bool, ort.InferenceSession], x: np.ndarray, args) -> dict:
-    """Images/s at each batch size of `ORT_BATCHES`, for both sessions; the best of all."""
+def ort_throughput(sessions: dict[str, ort.InferenceSession], x: np.ndarray, args) -> dict:
+    """Images/s at each batch size of `ORT_BATCHES`, for every session; the best of all."""
     by_spinning = {}
     for spinning, session in sessions.items():
         throughput = {}
@@ -150,7 +153,7 @@ def ort_throughput(sessions: dict[bool, ort.InferenceSession], x: np.ndarray, ar
         by_spinning[spinning] = throughput
     spinning, batch = max(((k, b) for k, t in by_spinning.items() for b in t), key=lambda kb: by_spinning[kb[0]][kb[1]])
     return {"best_throughput": by_spinning[spinning][batch], "best_batch": batch, "throughput_spinning": spinning,
-            "throughput": {str(k): v for k, v in by_spinning.items()}}
+            "throughput": by_spinning}
 
 
 def decode_ms(image: np.ndarray, args) -> dict[str, float]:
@@ -201,21 +204,19 @@ def measure_latency(port: int, request: pb.PredictRequest, args) -> dict:
 
 
 def alternating_latency(port: int, request: pb.PredictRequest, sessions: dict, x: np.ndarray, args) -> tuple[dict, dict]:
-    """p50 at batch 1 of in-process ONNX Runtime (both sessions) and of the gateway, measured in
-    ``args.rounds`` alternating rounds so that drift in the machine's load hits both alike."""
-    ort_times: dict[bool, list[float]] = {spinning: [] for spinning in sessions}
+    """p50 at batch 1 of in-process ONNX Runtime (with the gateway's spinning mode, like for like) and
+    of the gateway, measured in ``args.rounds`` alternating rounds so that drift in the machine's load
+    hits both alike."""
+    session, ort_times = sessions[args.ort_spinning], []
     gateway_times: list[float] = []
     responses: list[pb.PredictResponse] = []
     per_round = dict(repeats=max(1, args.calls // args.rounds), min_time=args.seconds / args.rounds)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.PredictionServiceStub(channel)
         for _ in range(args.rounds):
-            for spinning, session in sessions.items():
-                ort_times[spinning] += sample_ms(lambda s=session: s.run(None, {"image": x}), **per_round)
+            ort_times += sample_ms(lambda: session.run(None, {"image": x}), **per_round)
             gateway_times += sample_ms(lambda: responses.append(stub.Predict(request)), **per_round)
-    p50 = {spinning: statistics.median(t) for spinning, t in ort_times.items()}
-    same = bool(args.ort_spinning)  # like for like: ORT's threads spin exactly when the gateway's do
-    return ({"p50_ms": p50[same], "p50_spinning": same, "p50_by_spinning": {str(k): v for k, v in p50.items()}},
+    return ({"p50_ms": statistics.median(ort_times), "p50_spinning": args.ort_spinning},
             {"p50_ms": statistics.median(gateway_times), "server_ms": _stages(responses)})
 
 
@@ -269,7 +270,7 @@ def measure(repo: Path, name: str, image: np.ndarray, onnx_path: Path, args) -> 
     sessions = ort_sessions(onnx_path, args.threads)
     ort_result = {**ort_throughput(sessions, x, args), "decode_ms": decode_ms(image, args)}
     max_batch = args.max_batch or ort_result["best_batch"]
-    extra = ["--ort-spinning"] if args.ort_spinning else []
+    extra = ["--ort-spinning", args.ort_spinning]
     proc, port = start_gateway(repo, name, args.threads, max_batch, extra)
     request = tensor_request(name, image)
     try:
@@ -354,7 +355,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None,
                    help="alternating rounds of ORT and the gateway, for latency and for throughput (default 6; quick 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the zeroed channels")
-    p.add_argument("--ort-spinning", action="store_true", help="start the gateway with --ort-spinning")
+    p.add_argument("--ort-spinning", choices=list(SPINNING), default="run",
+                   help="the gateway's --ort-spinning, and ORT's in process for the latency (default run)")
     p.add_argument("--no-h2load", dest="h2load", action="store_false",
                    help=f"skip the measurements with h2load, a C load generator ({INSTALL_HINT}): the no-op server's "
                         f"own cost, the ceilings it implies, and the gateway's throughput without a Python client")

@@ -253,6 +253,21 @@ def test_onnxruntime_backend_matches_a_plain_session(exported_run):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("mode", "allow", "stop"), [("run", "1", "1"), ("always", "1", "0"), ("never", "0", "0")])
+def test_onnxruntime_backend_spinning_modes_set_the_session(exported_run, mode, allow, stop):
+    backend = _ort_backend(exported_run, threads=1, spinning=mode)
+    run(backend.load())
+    options = backend._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == allow
+    assert options.get_session_config_entry("session.force_spinning_stop") == stop
+    run(backend.close())
+
+
+def test_onnxruntime_backend_refuses_an_unknown_spinning_mode(exported_run):
+    with pytest.raises(ValueError, match=r"spinning must be one of \['run', 'always', 'never'\]"):
+        _ort_backend(exported_run, spinning="sometimes")
+
+
 def test_onnxruntime_backend_refuses_a_version_without_onnx(exported_run, tmp_path):
     (tmp_path / "manifest.json").write_bytes((exported_run / "manifest.json").read_bytes())
     with pytest.raises(ModelLoadError, match="embedded backend runs ONNX models"):

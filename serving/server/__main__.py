@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-load-timeout-s", type=float,
                    help="longest wait for Triton to report a model (version) ready (default 300)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default 0: one per physical core)")
-    p.add_argument("--ort-spinning", action="store_true", default=None,
-                   help="let ONNX Runtime's threads busy-wait between runs (lower latency on idle dedicated cores, "
-                        "wasted CPU otherwise; default off)")
+    p.add_argument("--ort-spinning", choices=("run", "always", "never"),
+                   help="when ONNX Runtime's intra-op threads busy-wait for work: during a forward pass only (default: "
+                        "fast hand-offs between ops, idle cores between requests), always (also between forward "
+                        "passes, taking the cores the event loop needs), never")
     p.add_argument("--max-message-bytes", type=int, help="largest request accepted (default 8 MiB)")
     p.add_argument("--max-image-pixels", type=int, help="largest image accepted, in pixels (default 4096*4096)")
     p.add_argument("--poll-interval-s", type=float, help="repository poll period for new versions (default 2; 0: off)")

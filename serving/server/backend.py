@@ -39,6 +39,8 @@ from serving.server.metadata import ModelMetadata
 from training.export.spec import INPUT_NAME
 
 log = logging.getLogger("serving.server")
+# OnnxRuntimeBackend's ``spinning`` -> (session.intra_op.allow_spinning, session.force_spinning_stop)
+SPINNING = {"run": ("1", "1"), "always": ("1", "0"), "never": ("0", "0")}
 
 
 class Backend(abc.ABC):
@@ -100,17 +102,23 @@ class OnnxRuntimeBackend(Backend):
     compete for the same cores, while one larger batch uses them better. ONNX Runtime releases the
     GIL while it runs, so the event loop keeps decoding and answering requests meanwhile.
 
-    ONNX Runtime's intra-op threads busy-wait for work between ops and after a run by default
-    ("spinning"). In a server they would burn the cores that the event loop, the gRPC threads and
-    other processes need between forward passes; on a loaded 2-core machine spinning made a
-    thread hand-off cost ~3 ms instead of ~0.2 ms. So it is off unless ``spinning`` is set.
+    ONNX Runtime's intra-op threads busy-wait for work ("spinning") between ops and, by default,
+    for a while after a run. Between ops that is what makes a forward pass fast (a sleeping thread
+    takes tens of microseconds to wake, once per parallel op); after a run it burns the cores that
+    the event loop, the gRPC threads and other processes need between forward passes (on a loaded
+    2-core machine it made a thread hand-off cost ~3 ms instead of ~0.2 ms). ``spinning``:
+    ``"run"`` (the default) spins within a forward pass and stops when it returns
+    (``session.force_spinning_stop``), ``"always"`` is ONNX Runtime's default, ``"never"`` sleeps
+    between ops too.
     """
 
     def __init__(self, version_dir: Path, metadata: ModelMetadata, *, max_batch_size: int = 64,
-                 threads: int = 0, spinning: bool = False, warmup_batch_sizes: Sequence[int] = (1,)) -> None:
+                 threads: int = 0, spinning: str = "run", warmup_batch_sizes: Sequence[int] = (1,)) -> None:
         super().__init__(metadata, max_batch_size=max_batch_size)
         self.path = Path(version_dir) / metadata.manifest.get("onnx_file", "model.onnx")
         self.threads = threads
+        if spinning not in SPINNING:
+            raise ValueError(f"spinning must be one of {list(SPINNING)}, not {spinning!r}")
         self.spinning = spinning
         self.warmup_batch_sizes = tuple(b for b in warmup_batch_sizes if b <= max_batch_size)
         self._session = None
@@ -140,7 +148,9 @@ class OnnxRuntimeBackend(Backend):
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        allow, stop = SPINNING[self.spinning]
+        options.add_session_config_entry("session.intra_op.allow_spinning", allow)
+        options.add_session_config_entry("session.force_spinning_stop", stop)
         try:
             session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs

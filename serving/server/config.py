@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,7 +30,8 @@ class ServerConfig(BaseModel):
     triton_concurrency: int = Field(4, ge=1, le=256, description="batches in flight to Triton at once")
     triton_load_timeout_s: float = Field(300.0, gt=0, description="longest wait for Triton to report a model ready")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: one per physical core)")
-    ort_spinning: bool = Field(False, description="let ONNX Runtime's threads busy-wait between runs")
+    ort_spinning: Literal["run", "always", "never"] = Field(
+        "run", description="when ONNX Runtime's threads busy-wait for work: during a forward pass only, always, never")
     max_batch: int = Field(16, ge=1, le=1024)
     max_queue_delay_ms: float = Field(0.0, ge=0, le=10_000)
     max_queue: int = Field(128, ge=1)
