@@ -54,7 +54,7 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def h2load_run(port: int, service: str, request: bytes, *, concurrency: int, seconds: float, pid: int,
+def h2load_run(port: int, request: bytes, *, concurrency: int, seconds: float, pid: int,
                response_bytes: int) -> dict:
     """``concurrency`` concurrent unary Predict calls from h2load (one connection, like one gRPC
     channel) for ``seconds``; requests/s, median latency, and the CPU ms per call of process ``pid``.
@@ -62,14 +62,15 @@ def h2load_run(port: int, service: str, request: bytes, *, concurrency: int, sec
     h2load counts HTTP statuses, while gRPC reports a failed call in its trailers under status 200;
     so every call must also have brought back at least ``response_bytes`` of data (an answer, not
     an error status), or this raises."""
+    duration = max(1, round(seconds))  # h2load takes whole seconds
     with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
         body, log = Path(tmp) / "request.grpc", Path(tmp) / "requests.tsv"
         body.write_bytes(b"\x00" + struct.pack(">I", len(request)) + request)  # one uncompressed gRPC frame
-        cmd = [H2LOAD, "-c", "1", "-m", str(concurrency), "-D", str(max(1, round(seconds))), "-d", str(body), "--log-file", str(log),
+        cmd = [H2LOAD, "-c", "1", "-m", str(concurrency), "-D", str(duration), "-d", str(body), "--log-file", str(log),
                "-H", "content-type: application/grpc", "-H", "te: trailers",
-               f"http://127.0.0.1:{port}/{service}/Predict"]
+               f"http://127.0.0.1:{port}/{SERVICE}/Predict"]
         cpu0, started = process_cpu_s(pid), time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, check=True).stdout
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120, check=True).stdout
         cpu = process_cpu_s(pid) - cpu0
         # per request: start (us since the epoch), HTTP status, us to the end of the response
         times_ms = [int(line.split("\t")[2]) / 1e3 for line in log.read_text().splitlines() if line.strip()]
@@ -81,7 +82,7 @@ def h2load_run(port: int, service: str, request: bytes, *, concurrency: int, sec
     if failed or not succeeded or data is None or int(data.group(1)) < succeeded * response_bytes:
         raise RuntimeError(f"h2load: {failed} of {done.group(1)} requests failed, or some answered with less than "
                            f"a response ({response_bytes} bytes each):\n{out}")
-    elapsed = min(max(1, round(seconds)), time.perf_counter() - started)
+    elapsed = min(duration, time.perf_counter() - started)
     return {"requests_per_s": succeeded / elapsed, "requests": succeeded, "p50_ms": statistics.median(times_ms),
             "server_cpu_ms_per_call": cpu / succeeded * 1e3}
 

@@ -71,9 +71,8 @@ from benchmarks._gateway_report import report, update_markdown
 from benchmarks.compaction import CASES, sparsify
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.proto.parsimony.v1 import gateway_pb2_grpc as pb_grpc
-from serving.server.backend import SPINNING
+from serving.server.backend import SPINNING, session_options
 from serving.server.codec import preprocess
-from serving.server.grpc_service import SERVICE
 from training.io import atomic_write_json
 from training.timing import median_ms, sample_ms
 
@@ -129,16 +128,8 @@ def encode(image: np.ndarray, fmt: str) -> bytes:
 def ort_sessions(onnx_path: Path, threads: int) -> dict[str, ort.InferenceSession]:
     """ONNX Runtime with each spinning mode of the gateway's (`serving.server.backend.SPINNING`):
     latency is compared with the gateway's own mode, throughput with the best mode."""
-    sessions = {}
-    for mode, (allow, stop) in SPINNING.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", allow)
-        options.add_session_config_entry("session.force_spinning_stop", stop)
-        sessions[mode] = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    return sessions
+    return {mode: ort.InferenceSession(str(onnx_path), session_options(threads, mode), providers=["CPUExecutionProvider"])
+            for mode in SPINNING}
 
 
 def ort_throughput(sessions: dict[str, ort.InferenceSession], x: np.ndarray, args) -> dict:
@@ -281,7 +272,7 @@ def measure(repo: Path, name: str, image: np.ndarray, onnx_path: Path, args) -> 
         ort_result["best_throughput"], throughput = alternating_throughput(port, request, best_session, xb, args)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             canned = pb_grpc.PredictionServiceStub(channel).Predict(request).SerializeToString()
-        c_client = (h2load_run(port, SERVICE, request.SerializeToString(), concurrency=args.concurrency,
+        c_client = (h2load_run(port, request.SerializeToString(), concurrency=args.concurrency,
                                seconds=args.seconds, pid=proc.pid, response_bytes=len(canned) // 2) if args.h2load else None)
     finally:
         stop_gateway(proc)
@@ -305,7 +296,7 @@ def measure_floor(response: bytes, request: pb.PredictRequest, args) -> dict:
         c_client = {}
         if args.h2load:  # the no-op server's own round trip and CPU per call, with a client that costs ~nothing
             for concurrency in (1, args.concurrency):
-                c_client[concurrency] = h2load_run(port, SERVICE, request.SerializeToString(), concurrency=concurrency,
+                c_client[concurrency] = h2load_run(port, request.SerializeToString(), concurrency=concurrency,
                                                    seconds=args.seconds / 2, pid=server.pid, response_bytes=len(response) // 2)
     finally:
         server.terminate()

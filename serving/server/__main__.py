@@ -28,6 +28,7 @@ from pathlib import Path
 import pydantic
 
 from serving.repository import RepositoryError
+from serving.server.backend import SPINNING
 from serving.server.config import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, ServerConfig
 from serving.server.errors import ModelLoadError
 from serving.server.lifecycle import GatewayServer
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-load-timeout-s", type=float,
                    help="longest wait for Triton to report a model (version) ready (default 300)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default 0: one per physical core)")
-    p.add_argument("--ort-spinning", choices=("run", "always", "never"),
+    p.add_argument("--ort-spinning", choices=list(SPINNING),
                    help="when ONNX Runtime's intra-op threads busy-wait for work: during a forward pass only (default: "
                         "fast hand-offs between ops, idle cores between requests), always (also between forward "
                         "passes, taking the cores the event loop needs), never")

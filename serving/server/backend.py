@@ -72,6 +72,22 @@ class Backend(abc.ABC):
         pass
 
 
+def session_options(threads: int, spinning: str):
+    """ONNX Runtime's options for the embedded backend (and for benchmarks comparing with it):
+    ``threads`` intra-op threads (0: one per physical core), one inter-op thread, ``spinning`` a key
+    of `SPINNING`."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    allow, stop = SPINNING[spinning]
+    options.add_session_config_entry("session.intra_op.allow_spinning", allow)
+    options.add_session_config_entry("session.force_spinning_stop", stop)
+    return options
+
+
 BACKENDS: dict[str, Callable[..., Backend]] = {}
 
 
@@ -144,15 +160,9 @@ class OnnxRuntimeBackend(Backend):
     def _create_session(self):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        allow, stop = SPINNING[self.spinning]
-        options.add_session_config_entry("session.intra_op.allow_spinning", allow)
-        options.add_session_config_entry("session.force_spinning_stop", stop)
         try:
-            session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(self.path), session_options(self.threads, self.spinning),
+                                           providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
             raise ModelLoadError(f"ONNX Runtime cannot load {self.path}: {exc}; re-export the model") from exc
         self._check_graph(session)

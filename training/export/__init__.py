@@ -12,30 +12,17 @@ Typical use::
 
 from training._lazy import lazy_exports
 
-_EXPORTS = {
-    "DEFAULT_ATOL": ".onnx_export",
-    "DEFAULT_OPSET": ".onnx_export",
-    "DEFAULT_RTOL": ".onnx_export",
-    "DTYPES": ".spec",
-    "ExportMismatch": ".onnx_export",
-    "ExportReport": ".onnx_export",
-    "INPUT_NAME": ".spec",
-    "MANIFEST_FORMAT": ".manifest",
-    "MANIFEST_NAME": ".manifest",
-    "ManifestError": ".manifest",
-    "ModelIOSpec": ".spec",
-    "OutputError": ".onnx_export",
-    "SpecError": ".spec",
-    "SpecMismatch": ".spec",
-    "TensorSpec": ".spec",
-    "build_manifest": ".manifest",
-    "export_onnx": ".onnx_export",
-    "io_spec": ".spec",
-    "load_manifest": ".manifest",
-    "manifest_io_spec": ".manifest",
-    "sha256_file": ".manifest",
-    "validate_name": ".spec",
-    "write_manifest": ".manifest",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    ".manifest": (
+        "MANIFEST_FORMAT", "MANIFEST_NAME", "ManifestError", "build_manifest", "load_manifest",
+        "manifest_io_spec", "sha256_file", "write_manifest",
+    ),
+    ".onnx_export": (
+        "DEFAULT_ATOL", "DEFAULT_OPSET", "DEFAULT_RTOL", "ExportMismatch", "ExportReport", "OutputError",
+        "export_onnx",
+    ),
+    ".spec": (
+        "DTYPES", "INPUT_NAME", "ModelIOSpec", "SpecError", "SpecMismatch", "TensorSpec", "io_spec",
+        "validate_name",
+    ),
+})

@@ -9,32 +9,16 @@ Typical use::
 
 from training._lazy import lazy_exports
 
-_EXPORTS = {
-    "BasicBlock": ".encoder",
-    "Bottleneck": ".encoder",
-    "ConfigError": ".config",
-    "ConvBNAct": ".layers",
-    "EncoderConfig": ".config",
-    "HeadConfig": ".config",
-    "ModelConfig": ".config",
-    "MultiTaskModel": ".multitask",
-    "PretrainedMismatch": ".pretrained",
-    "ResNetEncoder": ".encoder",
-    "StageConfig": ".config",
-    "available_encoders": ".registry",
-    "available_heads": ".heads",
-    "build_head": ".heads",
-    "build_model": ".registry",
-    "count_macs": ".complexity",
-    "count_parameters": ".complexity",
-    "create_model": ".registry",
-    "encoder_config": ".registry",
-    "load_torchvision_resnet": ".pretrained",
-    "macs_by_module": ".complexity",
-    "macs_by_prefix": ".complexity",
-    "model_config": ".registry",
-    "register_encoder": ".registry",
-    "register_head": ".heads",
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    ".complexity": ("count_macs", "count_parameters", "macs_by_module", "macs_by_prefix",),
+    ".config": ("ConfigError", "EncoderConfig", "HeadConfig", "ModelConfig", "StageConfig",),
+    ".encoder": ("BasicBlock", "Bottleneck", "ResNetEncoder",),
+    ".heads": ("available_heads", "build_head", "register_head",),
+    ".layers": ("ConvBNAct",),
+    ".multitask": ("MultiTaskModel",),
+    ".pretrained": ("PretrainedMismatch", "load_torchvision_resnet",),
+    ".registry": (
+        "available_encoders", "build_model", "create_model", "encoder_config", "model_config",
+        "register_encoder",
+    ),
+})
