@@ -5,6 +5,7 @@ in PyTorch eager and ONNX Runtime (CPU), optionally CUDA fp16 with CUDA graphs.
     python -m benchmarks.compaction --quick                   # tiny sizes: a smoke test
     python -m benchmarks.compaction --models demo --profile --json out.json
     python -m benchmarks.compaction --device cuda             # adds the CUDA fp16 section
+    python -m benchmarks.compaction --device cuda --backends cuda-fp16 cuda-fp16-graph   # GPU only
 
 Models: ``demo`` (``tiny`` encoder, light heads, 96x128) and ``resnet50d-os8`` (dilated
 ResNet-50-D, ASPP heads, 288x384), each with the synthetic-scenes tasks (segmentation with 7
@@ -275,6 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny image sizes and few runs: a smoke test")
     p.add_argument("--profile", action="store_true", help="ORT op-type profile of every variant (else only when the target is missed)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: add the CUDA fp16 / CUDA graph section")
+    p.add_argument("--backends", nargs="+", choices=[*CPU_BACKENDS, *CUDA_BACKENDS], default=None,
+                   help="time only these (default: eager and ort, plus the CUDA ones with --device cuda)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     quick = args.quick
@@ -287,13 +290,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def backends_for(device: str) -> tuple[str, ...]:
-    if device != "cuda":
-        return CPU_BACKENDS
-    if torch.cuda.is_available():
-        return CPU_BACKENDS + CUDA_BACKENDS
-    print("CUDA section skipped: --device cuda was given but torch.cuda.is_available() is False.\n")
-    return CPU_BACKENDS
+def backends_for(device: str, chosen: list[str] | None = None) -> tuple[str, ...]:
+    wanted = tuple(chosen) if chosen else CPU_BACKENDS + (CUDA_BACKENDS if device == "cuda" else ())
+    if any(b in CUDA_BACKENDS for b in wanted) and not torch.cuda.is_available():
+        print("CUDA section skipped: torch.cuda.is_available() is False.\n")
+        wanted = tuple(b for b in wanted if b not in CUDA_BACKENDS)
+    if not wanted:
+        raise SystemExit("error: no backend left to time (the CUDA ones need a GPU)")
+    return wanted
 
 
 def run_model(key: str, args, backends: tuple[str, ...]) -> dict:
@@ -337,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {env['torch']}, onnxruntime {env['onnxruntime']} (CPUExecutionProvider), {env['threads']} "
           f"intra-op threads, {env['cores']} cores, {env['cpu']}; median of ≥{args.repeats} runs (≥{args.min_time:g} s) "
           f"after {args.warmup} warm-up; MACs: 1 multiply-add = 1 MAC; peak memory: see benchmarks._timing\n")
-    backends = backends_for(args.device)
+    backends = backends_for(args.device, args.backends)
     results = {}
     for key in args.models:
         results[key] = run_model(key, args, backends)

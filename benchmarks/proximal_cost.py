@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from benchmarks.train_throughput import CASES, fixed_batch
 from training.engine import TrainStep
+from training.io import atomic_write_json
 from training.losses import MultiTaskLoss
 from training.models import create_model
 from training.sparsity import GroupLasso, build_groups
@@ -65,16 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", nargs="+", choices=["channel", "paper"], default=["channel", "paper"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
     print("| model | groups | groups (n) | batch | training step (ms) | proximal step (ms) | proximal / step |")
     print("|---|---|---|---|---|---|---|")
+    rows = []
     for name in args.models:
         for mode in args.groups:
-            r = measure(name, mode, device, args.steps)
+            rows.append(r := measure(name, mode, device, args.steps))
             print(f"| {r['case']} | {r['groups']} | {r['n_groups']} | {r['batch']} | {1e3 * r['train_step_s']:.1f} | "
                   f"{1e3 * r['proximal_s']:.2f} | {r['ratio_pct']:.2f}% |")
+    if args.json:
+        atomic_write_json(Path(args.json), {"torch": torch.__version__, "device": str(device), "rows": rows})
     return 0
 
 

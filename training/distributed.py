@@ -18,6 +18,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    joined: bool = False  # a process group exists (launched by torchrun, even with one process)
 
     @property
     def is_main(self) -> bool:
@@ -25,19 +26,25 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """DDP and collective reductions are on: always under torchrun, so that one process
+        exercises the same code path (and backend: nccl on CUDA) as many."""
+        return self.joined
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= os.environ.keys()
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA), also with a
+    single process (``--nproc_per_node=1``); a plain ``python -m`` run stays a single process."""
+    if not launched_by_torchrun():
         return DistInfo()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), joined=True)
 
 
 def shutdown_distributed() -> None:

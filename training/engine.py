@@ -61,30 +61,51 @@ def train_one_epoch(step: nn.Module, loader: Iterable[dict], ctx: StepContext, d
     Returns the mean total and per-task training losses over the batches seen.
     """
     step.train()
-    sums: dict[str, float] = {}
-    seen = 0
+    sums = _LossSums()
     bar = _progress_bar(ctx.show_progress, total_batches, first_batch, f"epoch {epoch}")
     started = time.perf_counter()
     images = 0
     for b, batch in enumerate(loader, start=first_batch):
         batch = to_device(batch, device)
         total, parts = _optimizer_step(step, batch, ctx)
-        seen += 1
         images += batch["image"].shape[0]
-        for name, value in {"loss": total.detach(), **parts}.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
+        sums.add({"loss": total, **parts})
         if after_step is not None:
             after_step(b + 1)
+        due = (b + 1) % ctx.log_every == 0 or b + 1 == total_batches
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
-        elif (b + 1) % ctx.log_every == 0 or b + 1 == total_batches:
+            if due:
+                bar.set_postfix(loss=f"{sums.mean()['loss']:.4f}")
+        elif due:
             rate = images / max(time.perf_counter() - started, 1e-9)
             log.info("epoch %d batch %d/%d loss %.4f lr %.3g %.1f img/s", epoch, b + 1, total_batches,
-                     sums["loss"] / seen, ctx.optimizer.param_groups[0]["lr"], rate)
+                     sums.mean()["loss"], ctx.optimizer.param_groups[0]["lr"], rate)
     if bar is not None:
         bar.close()
-    return {k: v / max(seen, 1) for k, v in sums.items()}
+    return sums.mean()
+
+
+class _LossSums:
+    """Running sums of the loss parts, kept on the device: reading them (`mean`) is the only
+    host-device synchronisation, so it happens when logging, not after every step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.seen = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        self.seen += 1
+        for name, value in values.items():
+            v = value.detach().float()
+            self.sums[name] = self.sums[name] + v if name in self.sums else v.clone()
+
+    def mean(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        values = torch.stack([self.sums[n] for n in names]).tolist()  # one transfer for all parts
+        return {n: v / max(self.seen, 1) for n, v in zip(names, values, strict=True)}
 
 
 def _optimizer_step(step: nn.Module, batch: dict, ctx: StepContext):
@@ -103,14 +124,25 @@ def _optimizer_step(step: nn.Module, batch: dict, ctx: StepContext):
     lr = ctx.optimizer.param_groups[0]["lr"]
     if reg is not None:
         reg.before_step(ctx.epoch)
-    scale = ctx.scaler.get_scale() if ctx.scaler.is_enabled() else None
+    scale = _scale_on_device(ctx.scaler)
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
-    stepped = scale is None or ctx.scaler.get_scale() >= scale  # a lowered scale means the step was skipped
-    if reg is not None and stepped:
-        reg.after_step(lr, ctx.epoch)
+    if reg is not None:
+        # the grad scaler lowers its scale exactly when it skipped the step (inf/NaN gradients): then
+        # the weights did not move and the proximal step must not either; compared on the device
+        stepped = None if scale is None else _scale_on_device(ctx.scaler) >= scale
+        reg.after_step(lr, ctx.epoch, stepped=stepped)
     ctx.scheduler.step()
     return total, parts
+
+
+def _scale_on_device(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+    """A copy of the scaler's current scale as a tensor on its device (no synchronisation), or
+    None when the scaler is off."""
+    if not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)  # the tensor behind get_scale(), which would synchronise
+    return scale.detach().clone() if torch.is_tensor(scale) else torch.tensor(scaler.get_scale())
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
@@ -140,7 +172,8 @@ def evaluate(model: nn.Module, loss: MultiTaskLoss, loader: Iterable[dict], task
         outputs = {k: v.float() for k, v in outputs.items()}
         _, parts = loss(outputs, batch)
         n = batch["image"].shape[0]
-        loss_sum += torch.tensor([float(sum(parts.values())) * n, n], dtype=torch.float64, device=device)
+        loss_sum[0] += sum(parts.values()).detach().double() * n  # stays on the device: no sync per batch
+        loss_sum[1] += n
         metrics.update(outputs, batch)
     metrics.all_reduce()
     all_reduce_sum(loss_sum)

@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,16 +64,55 @@ class Run:
 
 
 def pick_device(name: str, dist: DistInfo | None = None) -> torch.device:
+    """The run's device. ``cuda`` without an index is the process's GPU: its local rank under
+    torchrun, else GPU 0. ``auto`` falls back to the CPU when torch cannot use a GPU, and says why
+    when the machine has one."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        reason = cuda_unusable_reason()
+        if reason is not None and nvidia_gpu_present():
+            log.warning("--device auto: this machine has an NVIDIA GPU but training runs on the CPU: %s", reason)
+        name = "cpu" if reason is not None else "cuda"
     device = torch.device(name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-        if device.index is None and dist is not None:
-            device = torch.device("cuda", dist.local_rank)
+        reason = cuda_unusable_reason()
+        if reason is not None:
+            raise ValueError(f"--device {name} was asked for but {reason}; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", dist.local_rank if dist is not None else 0)
         torch.cuda.set_device(device)
     return device
+
+
+def cuda_unusable_reason() -> str | None:
+    """Why torch cannot run on a GPU here (None when it can): a CPU-only build, a driver older
+    than the build needs (torch says so in a warning), or no device visible."""
+    if not torch.backends.cuda.is_built():
+        return f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if available:
+        return None
+    said = " ".join(str(w.message).strip() for w in caught)
+    if said:
+        return f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) cannot use it: {said}"
+    return "no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the container's GPU request)"
+
+
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA driver with a device node on this machine, whatever torch makes of it."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU computes it natively (compute capability 8.0+), else fp16 with a grad
+    scaler: `torch.cuda.is_bf16_supported()` alone also counts emulated bf16 (T4, V100), which is
+    far slower than their fp16 tensor cores."""
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch: no emulation argument
+        native = torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.bfloat16 if native else torch.float16
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -151,7 +191,9 @@ def lr_factor(step: int, *, cfg: RunConfig, steps_per_epoch: int) -> float:
 def _autocast_factory(cfg: RunConfig, device: torch.device):
     if not (cfg.amp and device.type == "cuda"):
         return contextlib.nullcontext, False
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = amp_dtype(device)
+    log.info("mixed precision on %s: %s%s", torch.cuda.get_device_name(device), str(dtype).removeprefix("torch."),
+             " with a grad scaler" if dtype == torch.float16 else "")
     return functools.partial(torch.autocast, "cuda", dtype=dtype), dtype == torch.float16
 
 
@@ -166,6 +208,8 @@ def build_run(cfg: RunConfig, run_dir: Path, dist: DistInfo, device: torch.devic
     step: nn.Module = TrainStep(model, loss)
     if dist.enabled:
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        log.info("DistributedDataParallel: rank %d of %d, backend %s", dist.rank, dist.world_size,
+                 torch.distributed.get_backend())
     sampler = EpochBatchSampler(len(datasets["train"]), cfg.train.batch_size, seed=cfg.seed,
                                 rank=dist.rank, world_size=dist.world_size)
     optimizer = build_optimizer(cfg, model, loss)

@@ -42,8 +42,17 @@ class DenseHead(nn.Module):
     def forward(self, features: Tensor, image_size: tuple[int, int]) -> Tensor:
         out = F.interpolate(self.predict(features), size=image_size, mode="bilinear", align_corners=False)
         if self.task_kind == "normal":
-            out = F.normalize(out, dim=1)
+            out = unit_vectors(out)
         return out
+
+
+def unit_vectors(x: Tensor, dim: int = 1) -> Tensor:
+    """``x / ‖x‖₂`` along ``dim``, safe in FP16: dividing by the largest magnitude first bounds the
+    squares by 1 (plain normalisation overflows FP16 once a logit passes about 180, and TensorRT may
+    run the reduction in FP16); the direction is unchanged. An all-zero vector stays zero."""
+    peak = x.abs().amax(dim=dim, keepdim=True)
+    scaled = x / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return F.normalize(scaled, dim=dim, eps=1e-6)
 
 
 class LightHead(DenseHead):

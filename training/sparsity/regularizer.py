@@ -105,24 +105,30 @@ class GroupLasso:
         return self.lam * (self._weights(sq) * _safe_sqrt(sq)).sum()
 
     @torch.no_grad()
-    def proximal_step(self, lr: float) -> None:
-        """Group soft-threshold with step ``lr`` (the optimizer's current learning rate)."""
+    def proximal_step(self, lr: float, stepped: Tensor | None = None) -> None:
+        """Group soft-threshold with step ``lr`` (the optimizer's current learning rate).
+
+        ``stepped``: a boolean tensor saying whether the optimizer step was taken (a grad scaler
+        skips steps with inf/NaN gradients); when False the weights are left as they are. Given as
+        a tensor so that the decision stays on the device."""
         if self.lam == 0 or lr == 0:
             return
         sq = self._index.reduce_flat("sumsq")
         threshold = self._weights(sq) * (lr * self.lam)
         factor = (1 - threshold / sq.sqrt().clamp_min(torch.finfo(sq.dtype).tiny)).clamp_min_(0)
+        if stepped is not None:
+            factor = torch.where(stepped.to(factor.device), factor, torch.ones_like(factor))
         self._index.scale_(self._index.split(factor))
 
     def loss_term(self, epoch: int) -> Tensor | None:
         """The penalty to add to the loss this epoch (penalty mode, after warm-up), else None."""
         return self.penalty() if self.mode == "penalty" and self.active(epoch) else None
 
-    def after_step(self, lr: float, epoch: int) -> None:
+    def after_step(self, lr: float, epoch: int, stepped: Tensor | None = None) -> None:
         """Call after ``optimizer.step()``: the proximal step (proximal mode, after warm-up), or in
-        the cool-down re-zero the groups `before_step` found zero."""
+        the cool-down re-zero the groups `before_step` found zero (``stepped``: `proximal_step`)."""
         if self.mode == "proximal" and self.active(epoch):
-            self.proximal_step(lr)
+            self.proximal_step(lr, stepped)
         elif self._keep is not None and self.holding(epoch):
             with torch.no_grad():
                 self._index.scale_(self._keep)
