@@ -59,6 +59,7 @@ class Call:
     from_http: Callable[[httpx.Response], Any] = lambda r: r.json()
     http_ok: tuple[int, ...] = (200,)  # statuses handed to from_http; any other is a ClientError
     http_args: dict = field(default_factory=dict)  # params, content, json, headers for httpx
+    idempotent: bool = True  # repeating it is harmless (every call of this API: predictions are pure functions)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ awaitables there::
         p = await client.predict("scenes", pixels)           # numpy uint8 [H, W, 3]
 
 ``timeout`` (seconds, per call, else the client's) is the deadline of the whole call, retries
-included. Errors raise `ClientError` whatever the protocol.
+included (the server caps a deadline at its ``--max-deadline-s``). Errors raise `ClientError` whatever the protocol.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ class _Methods:
     def _call(self, call: Call, timeout: float | None, retry: RetryPolicy | None = None):
         raise NotImplementedError
 
-    def _attempts(self, timeout: float | None, retry: RetryPolicy | None) -> Attempts:
-        return Attempts(retry or self.retry, self.timeout if timeout is None else timeout)
+    def _attempts(self, call: Call, timeout: float | None, retry: RetryPolicy | None) -> Attempts:
+        return Attempts(retry or self.retry, self.timeout if timeout is None else timeout, idempotent=call.idempotent)
 
 
 class Client(_Methods):
@@ -102,7 +102,7 @@ class Client(_Methods):
             self._transport = HttpTransport(self.endpoint, self._connections or 16)
 
     def _call(self, call: Call, timeout: float | None, retry: RetryPolicy | None = None):
-        attempts = self._attempts(timeout, retry)
+        attempts = self._attempts(call, timeout, retry)
         while True:
             try:
                 return self._transport.invoke(call, attempts.remaining())
@@ -136,7 +136,7 @@ class AsyncClient(_Methods):
         return self._transport
 
     async def _call(self, call: Call, timeout: float | None, retry: RetryPolicy | None = None):
-        transport, attempts = self._open(), self._attempts(timeout, retry)
+        transport, attempts = self._open(), self._attempts(call, timeout, retry)
         while True:
             try:
                 return await transport.invoke(call, attempts.remaining())

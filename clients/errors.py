@@ -39,6 +39,7 @@ class ClientError(Exception):
         self.code = code
         self.http_status = http_status
         self.attempts = 1  # set by the retry loop: how many calls this error ended
+        self.local = False  # the client caused it itself (it closed its channel): never retried
 
     @property
     def message(self) -> str:

@@ -1,8 +1,10 @@
 """Retries with exponential backoff and jitter, bounded in attempts and by the call's deadline.
 
-Only UNAVAILABLE is retried (nothing listening, a connection dropped, HTTP 502/503, a model still
+UNAVAILABLE is retried (nothing listening, a connection dropped, HTTP 502/503, a model still
 loading, a server shutting down): those calls did not run, and a prediction is a pure function of
-its input, so repeating it is safe. Every other code (INVALID_ARGUMENT, NOT_FOUND,
+its input, so repeating it is safe. CANCELLED is retried for idempotent calls (every call of this
+API is) when the client did not cancel the call itself: a server or proxy that goes away can cancel
+a call it had already received, which may or may not have run. Every other code (INVALID_ARGUMENT, NOT_FOUND,
 RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) is raised at once; a full queue is the caller's signal
 to slow down, not the client's to push harder. The wait after the n-th failed attempt is drawn
 uniformly from ``[(1 - jitter) * b, b]`` with ``b = min(max_backoff, initial_backoff * multiplier**(n-1))``,
@@ -34,6 +36,7 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: float = 0.5
     retry_codes: frozenset[str] = frozenset({"UNAVAILABLE"})
+    idempotent_retry_codes: frozenset[str] = frozenset({"CANCELLED"})  # retried for idempotent calls only
     on_retry: Callable[[int, ClientError, float], None] | None = None
 
     def __post_init__(self) -> None:
@@ -54,8 +57,9 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 class Attempts:
     """One call's attempts: ``remaining()`` before each, ``wait_after(error)`` after each failure."""
 
-    def __init__(self, policy: RetryPolicy, timeout: float | None) -> None:
+    def __init__(self, policy: RetryPolicy, timeout: float | None, *, idempotent: bool = False) -> None:
         self.policy = policy
+        self.idempotent = idempotent
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.count = 0
 
@@ -68,7 +72,7 @@ class Attempts:
         """The wait before the next attempt, or raise ``error`` when the call must not be retried."""
         error.attempts = self.count
         limit = self.policy.max_attempts
-        if error.code not in self.policy.retry_codes or (limit is not None and self.count >= limit):
+        if not self.retryable(error) or (limit is not None and self.count >= limit):
             raise self._final(error)
         wait = self.policy.backoff(self.count)
         if self.deadline is not None and time.monotonic() + wait >= self.deadline:
@@ -76,6 +80,11 @@ class Attempts:
         if self.policy.on_retry is not None:
             self.policy.on_retry(self.count, error, wait)
         return wait
+
+    def retryable(self, error: ClientError) -> bool:
+        if error.code in self.policy.retry_codes:
+            return True
+        return self.idempotent and not error.local and error.code in self.policy.idempotent_retry_codes
 
     def _final(self, error: ClientError) -> ClientError:
         if self.count > 1:

@@ -103,6 +103,12 @@ class _Grpc:
         else:
             self.channel = module.secure_channel(end.address, end.tls.grpc_credentials(), options=options)
         self._methods: dict = {}
+        self.closed = False
+
+    def error(self, exc: grpc.RpcError) -> errors.ClientError:
+        error = errors.from_grpc(exc)
+        error.local = self.closed  # calls cut by our own close() are not the server's doing
+        return error
 
     def method(self, call: Call):
         method = self._methods.get(call.grpc_method)
@@ -121,10 +127,11 @@ class GrpcTransport(_Grpc):
         try:
             reply = self.method(call)(call.grpc_request, timeout=timeout)
         except grpc.RpcError as exc:
-            raise errors.from_grpc(exc) from None
+            raise self.error(exc) from None
         return call.from_grpc(reply)
 
     def close(self) -> None:
+        self.closed = True
         self.channel.close()
 
 
@@ -136,10 +143,11 @@ class AsyncGrpcTransport(_Grpc):
         try:
             reply = await self.method(call)(call.grpc_request, timeout=timeout)
         except grpc.RpcError as exc:
-            raise errors.from_grpc(exc) from None
+            raise self.error(exc) from None
         return call.from_grpc(reply)
 
     async def close(self) -> None:
+        self.closed = True
         await self.channel.close()
 
 

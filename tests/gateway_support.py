@@ -48,7 +48,7 @@ def publish_version(repo: Path, name: str, run_dir: Path, version: int, *, corru
 def image_bytes(size: tuple[int, int], fmt: str = "PNG", mode: str = "RGB", seed: int = 0) -> bytes:
     """An encoded random image of ``size`` (H, W)."""
     h, w = size
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2, "CMYK": 4}[mode]
     pixels = np.random.default_rng(seed).integers(0, 256, (h, w, channels), dtype=np.uint8)
     image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
     buf = io.BytesIO()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -60,10 +61,54 @@ def test_wrong_size_says_the_expected_size(size):
         codec.decode_image(image_bytes(size), META, max_pixels=10_000)
 
 
-@pytest.mark.parametrize("mode, channels", [("L", 1), ("RGBA", 4)])
-def test_wrong_channel_count(mode, channels):
-    with pytest.raises(InvalidInput, match=f"has {channels} channel"):
-        codec.decode_image(image_bytes((H, W), "PNG", mode), META, max_pixels=10_000)
+def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _palette() -> Image.Image:
+    return Image.open(io.BytesIO(image_bytes((H, W)))).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Image.open(io.BytesIO(image_bytes((H, W), mode="L"))),
+    lambda: Image.open(io.BytesIO(image_bytes((H, W), mode="LA"))),
+    lambda: Image.open(io.BytesIO(image_bytes((H, W), mode="RGBA"))),
+    lambda: Image.open(io.BytesIO(image_bytes((H, W)))).convert("1"),
+    _palette,
+], ids=["L", "LA", "RGBA", "1", "P"])
+def test_palette_grayscale_and_alpha_images_are_converted_as_pillow_does(make):
+    data = _encoded(make())
+    got = codec.decode_image(data, META, max_pixels=10_000)
+    assert got.dtype == np.uint8 and got.shape == (H, W, 3)
+    np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_16_bit_grayscale_keeps_its_high_byte_as_pillow_reads_16_bit_rgb():
+    gray = np.random.default_rng(3).integers(0, 65536, (H, W), dtype=np.uint16)
+    data = _encoded(Image.fromarray(gray))
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    got = codec.decode_image(data, META, max_pixels=10_000)
+    np.testing.assert_array_equal(got, np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, axis=2))
+
+
+def test_cmyk_jpeg_is_refused_because_conversion_changes_its_colours():
+    with pytest.raises(InvalidInput, match="mode CMYK.*colour profile"):
+        codec.decode_image(image_bytes((H, W), "JPEG", mode="CMYK"), META, max_pixels=10_000)
+
+
+@pytest.mark.parametrize("value, shown", [(np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf"), (1e30, "1e+30"),
+                                          (-0.5, "-0.5"), (1.0001, "1.0001")])
+def test_float_tensors_must_be_finite_and_in_the_unit_range(value, shown):
+    x = np.full((3, H, W), 0.5, np.float32)
+    x[1, 2, 3] = value
+    x[2, 5, 5] = np.nan  # a later bad element: the first one is named
+    with pytest.raises(InvalidInput, match=r"element \[1, 2, 3\] \(channel, row, column\) is " + re.escape(shown) + ";"):
+        codec.tensor_input(codec.RawTensor("float32", (3, H, W), x.tobytes()), META, 10_000)
+    x[:] = 0.0
+    x[0, 0, 0], x[2, H - 1, W - 1] = 1.0, 0.0  # the bounds themselves are fine
+    codec.tensor_input(codec.RawTensor("float32", (3, H, W), x.tobytes()), META, 10_000)
 
 
 def test_pixel_limit_is_checked_from_the_header():
@@ -79,7 +124,7 @@ def test_uint8_hwc_tensor_matches_decoded_image_preprocessing():
 
 
 def test_float32_chw_tensor_is_used_as_is():
-    want = np.random.default_rng(1).random((3, H, W), dtype=np.float32)
+    want = np.random.default_rng(1).random((3, H, W), dtype=np.float32)  # [0, 1)
     got = codec.tensor_input(codec.RawTensor("float32", (3, H, W), want.tobytes()), META, 10_000)
     np.testing.assert_array_equal(got, want)
 

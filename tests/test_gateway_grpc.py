@@ -137,7 +137,7 @@ ERRORS = {
     "undecodable": (dict(model="scenes", encoded_image=b"definitely not an image"), "neither PNG nor JPEG"),
     "truncated": (dict(model="scenes", encoded_image=BAD[: len(BAD) // 2]), "cannot be decoded"),
     "wrong size": (dict(model="scenes", encoded_image=image_bytes((32, 40))), "takes exactly 48x32"),
-    "wrong channels": (dict(model="scenes", encoded_image=image_bytes(SIZE, mode="RGBA")), "has 4 channel"),
+    "cmyk": (dict(model="scenes", encoded_image=image_bytes(SIZE, "JPEG", mode="CMYK")), "colour profile"),
     "tensor channels": (dict(model="scenes", tensor=pb.Tensor(dtype=pb.UINT8, shape=[32, 48, 1], data=b"\0" * 1536)),
                         "has 1 channel"),
     "no input": (dict(model="scenes"), "no image"),
@@ -226,11 +226,18 @@ class _Context:
 
     def __init__(self) -> None:
         self.status = None
+        self.trailing = ()
 
     def time_remaining(self):
         return None
 
-    async def abort(self, code, details):
+    def set_trailing_metadata(self, metadata):
+        self.trailing = tuple(metadata)
+
+    def trailing_metadata(self):
+        return self.trailing
+
+    async def abort(self, code, details, trailing_metadata=()):
         self.status = (code, details)
         raise grpc.aio.AbortError()
 
@@ -240,12 +247,80 @@ def test_servicer_in_process_without_a_socket(gw):
     data = pb.PredictRequest(model="scenes", encoded_image=BAD, tasks=["depth"]).SerializeToString()
     response = gw.call(servicer.predict(data, _Context()))
     assert set(response.outputs) == {"depth"} and response.model_version == 1
-    assert len(gw.call(servicer.list_models(pb.ListModelsRequest(), _Context())).models) == 2
+    assert len(gw.call(servicer.list_models(b"", _Context())).models) == 2
     context = _Context()
     with pytest.raises(grpc.aio.AbortError):
-        gw.call(servicer.get_model(pb.GetModelRequest(name="nope"), context))
+        gw.call(servicer.get_model(pb.GetModelRequest(name="nope").SerializeToString(), context))
     assert context.status[0] == grpc.StatusCode.NOT_FOUND
     context = _Context()
     with pytest.raises(grpc.aio.AbortError):
         gw.call(servicer.predict(b"\xff\xff not a protobuf", context))
     assert context.status[0] == grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in context.status[1]
+
+
+# --- every method parses its own bytes; deadlines are capped; names are not echoed in full --------
+
+GARBAGE = b"\xff\xff\xff\xff not a protobuf message"
+RAW_METHODS = {
+    "/parsimony.v1.PredictionService/Predict": "unary",
+    "/parsimony.v1.PredictionService/ListModels": "unary",
+    "/parsimony.v1.PredictionService/GetModel": "unary",
+    "/grpc.health.v1.Health/Check": "unary",
+    "/grpc.health.v1.Health/Watch": "stream",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "bidi",
+}
+
+
+@pytest.mark.parametrize("method", list(RAW_METHODS))
+def test_undecodable_bytes_are_invalid_argument_on_every_method_without_a_traceback(gw, method, caplog):
+    kind = RAW_METHODS[method]
+    with caplog.at_level("WARNING"):
+        for _ in range(20):
+            with pytest.raises(grpc.RpcError) as info:
+                if kind == "unary":
+                    gw.channel.unary_unary(method)(GARBAGE, timeout=10)
+                elif kind == "stream":
+                    list(gw.channel.unary_stream(method)(GARBAGE, timeout=10))
+                else:
+                    list(gw.channel.stream_stream(method)(iter([GARBAGE]), timeout=10))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "is not a valid" in info.value.details()
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+    assert len([r for r in caplog.records if "refused" in r.getMessage()]) <= 1  # rate-limited: one line
+    assert predict(gw, model="scenes", encoded_image=BAD).model == "scenes"
+
+
+def test_a_missing_or_long_deadline_is_capped_and_the_metadata_says_so(repo):
+    with RunningGateway(repository=repo, models=("scenes",), max_deadline_s=2.5) as gw:
+        request = pb.PredictRequest(model="scenes", encoded_image=BAD)
+        for timeout in (None, 1e6):
+            _, call = gw.stub.Predict.with_call(request, timeout=timeout)
+            assert dict(call.trailing_metadata())["x-deadline-capped-ms"] == "2500"
+        _, call = gw.stub.Predict.with_call(request, timeout=2)
+        assert "x-deadline-capped-ms" not in dict(call.trailing_metadata())
+
+
+def test_unknown_names_are_echoed_cut_to_64_characters(gw):
+    name = "n" * 5000
+    for call in (lambda: predict(gw, model=name, encoded_image=BAD),
+                 lambda: gw.stub.GetModel(pb.GetModelRequest(name=name))):
+        code, details = code_of(call)
+        assert code == grpc.StatusCode.NOT_FOUND and "n" * 65 not in details and "(5000 characters)" in details
+    code, details = code_of(lambda: predict(gw, model="scenes", encoded_image=BAD, tasks=["t" * 5000]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "t" * 65 not in details
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30, -1.0])
+def test_non_finite_or_out_of_range_float_tensors_are_refused(gw, value):
+    x = np.full((3, *SIZE), 0.25, np.float32)
+    x[0, 1, 2] = value
+    tensor = pb.Tensor(dtype=pb.FLOAT32, shape=x.shape, data=x.tobytes())
+    code, details = code_of(lambda: predict(gw, model="scenes", tensor=tensor))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "element [0, 1, 2]" in details
+
+
+def test_palette_and_alpha_images_are_converted_to_rgb(gw):
+    rgba = image_bytes(SIZE, mode="RGBA", seed=4)
+    want = predict(gw, model="scenes", tensor=pb.Tensor(dtype=pb.UINT8, shape=[*SIZE, 3], data=decoded(rgba).tobytes()))
+    got = predict(gw, model="scenes", encoded_image=rgba)
+    np.testing.assert_array_equal(tensor_of(got.outputs["depth"].depth.depth), tensor_of(want.outputs["depth"].depth.depth))

@@ -127,14 +127,23 @@ def test_health_readiness_metrics_and_openapi(client):
     body = schema["paths"]["/v1/models/{name}:predict"]["post"]["requestBody"]["content"]
     assert {"image/png", "image/jpeg", "multipart/form-data", "application/json"} <= set(body)
     assert "PredictJSON" in schema["components"]["schemas"]
-    assert client.get("/docs").status_code == 200
+    assert client.get("/docs").status_code == 404  # off unless --docs: its page loads Swagger UI from a CDN
+    assert "server" not in {k.lower() for k in metrics.headers}  # no software banner
+
+
+def test_docs_only_with_the_flag(exported_run):
+    with RunningGateway(run=exported_run, docs=True) as gw, gw.http() as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and "/openapi.json" in page.text
 
 
 ERRORS = [
     ("undecodable", dict(content=b"garbage", headers={"Content-Type": "image/png"}), 400, "neither PNG nor JPEG"),
     ("wrong size", dict(content=image_bytes((16, 16)), headers={"Content-Type": "image/png"}), 400, "takes exactly"),
-    ("wrong channels", dict(content=image_bytes(SIZE, mode="L"), headers={"Content-Type": "image/png"}), 400,
-     "has 1 channel"),
+    ("cmyk", dict(content=image_bytes(SIZE, "JPEG", mode="CMYK"), headers={"Content-Type": "image/jpeg"}), 400,
+     "colour profile"),
+    ("nan tensor", dict(json={"tensor": {"dtype": "float32", "shape": [3, *SIZE], "data": base64.b64encode(
+        np.full((3, *SIZE), np.nan, np.float32).tobytes()).decode()}}), 400, "element [0, 0, 0] (channel, row, column) is nan"),
     ("unknown task", dict(content=PNG, headers={"Content-Type": "image/png"}, params={"tasks": "sky"}), 400,
      "no task 'sky'"),
     ("bad option", dict(content=PNG, headers={"Content-Type": "image/png"},
@@ -197,7 +206,8 @@ def test_queue_full_is_429_and_deadline_is_504(exported_run, tmp_path):
                 assert late.status_code == 504 and late.json()["error"]["code"] == "DEADLINE_EXCEEDED"
                 assert running.result().status_code == 200
             assert third.post("/v1/models/scenes:predict", content=PNG, headers=headers).status_code == 200
-            bad = third.post("/v1/models/scenes:predict", content=PNG, headers={**headers, "X-Timeout-Ms": "soon"})
-            assert bad.status_code == 400
+            for value in ("soon", "0", "-1", "nan", "inf", ""):
+                bad = third.post("/v1/models/scenes:predict", content=PNG, headers={**headers, "X-Timeout-Ms": value})
+                assert bad.status_code == 400 and "positive number of milliseconds" in bad.text, value
     finally:
         SlowBackend.infer_delay = 0.0

@@ -34,6 +34,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from serving.server.config import default
 from serving.server.errors import ModelLoadError
 from serving.server.metadata import ModelMetadata
 from training.export.spec import INPUT_NAME
@@ -128,7 +129,7 @@ class OnnxRuntimeBackend(Backend):
     between ops too.
     """
 
-    def __init__(self, version_dir: Path, metadata: ModelMetadata, *, max_batch_size: int = 64,
+    def __init__(self, version_dir: Path, metadata: ModelMetadata, *, max_batch_size: int = default("max_batch"),
                  threads: int = 0, spinning: str = "run", warmup_batch_sizes: Sequence[int] = (1,)) -> None:
         super().__init__(metadata, max_batch_size=max_batch_size)
         self.path = Path(version_dir) / metadata.manifest.get("onnx_file", "model.onnx")

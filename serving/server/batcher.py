@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.server.backend import Backend
+from serving.server.config import default
 from serving.server.errors import DeadlineExceeded, QueueFull, ShuttingDown, as_gateway_error
 
 
@@ -51,7 +52,8 @@ class BatchResult:
 
 
 class DynamicBatcher:
-    def __init__(self, backend: Backend, *, max_batch: int, max_delay_s: float = 0.0, max_queue: int = 256,
+    def __init__(self, backend: Backend, *, max_batch: int, max_delay_s: float = 0.0,
+                 max_queue: int = default("max_queue"),
                  concurrency: int = 1, on_batch: Callable[[int], None] | None = None) -> None:
         self.backend = backend
         self.max_batch = max(1, min(max_batch, backend.max_batch_size))

@@ -6,8 +6,13 @@ must have exactly the model's input size (a silent resize would change what the 
 the geometry of every dense output), so the size is checked from the image header before any
 pixel is decoded, as is the pixel limit.
 
-Inputs: PNG or JPEG bytes of an RGB image, or a raw tensor, either ``uint8 [H, W, 3]`` (HWC, as
-image decoders return it) or ``float32 [3, H, W]`` (CHW, RGB in [0, 1], what the graph takes).
+Inputs: PNG or JPEG bytes, or a raw tensor, either ``uint8 [H, W, 3]`` (HWC, as image decoders
+return it) or ``float32 [3, H, W]`` (CHW, RGB in [0, 1], what the graph takes; NaN, infinities and
+values outside [0, 1] are refused, naming the first such element). Images that are not 8-bit RGB are
+converted as Pillow converts them: palette, black-and-white, grayscale and their alpha variants and
+RGBA become RGB (alpha dropped, not blended), 16-bit grayscale keeps its high byte (as Pillow reads
+16-bit RGB); CMYK JPEGs are refused, since converting them without their colour profile changes
+their colours.
 Outputs per task kind: segmentation -> class-index map ``[H, W]`` (+ softmax probabilities
 ``[C, H, W]`` on request); depth -> ``[H, W]`` metres clamped at 0; normal -> ``[3, H, W]``;
 attributes -> name -> sigmoid probability. Float maps in float32 or float16, as requested.
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from serving.server.errors import ImageTooLarge, InvalidInput
+from serving.server.errors import ImageTooLarge, InvalidInput, shown
 from serving.server.metadata import ModelMetadata, TaskInfo
 
 # dtype names shared by the proto enum, the JSON API and numpy (little-endian on the wire)
@@ -34,8 +39,9 @@ DTYPES: dict[str, np.dtype] = {
 }
 OUTPUT_DTYPES = ("float32", "float16")
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
-_CHANNELS = {"1": 1, "L": 1, "P": 1, "I": 1, "F": 1, "I;16": 1, "LA": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
-             "RGBA": 4, "CMYK": 4}
+# modes converted to RGB by Pillow's own convert("RGB") (alpha dropped), and 16-bit grayscale
+TO_RGB = ("1", "L", "P", "LA", "PA", "La", "RGBA", "RGBa", "RGBX")
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,17 +101,29 @@ def decode_image(data: bytes, meta: ModelMetadata, max_pixels: int) -> np.ndarra
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"the {fmt} image cannot be decoded ({exc}); the file is corrupt or truncated") from exc
     width, height = image.size
-    check_size(height, width, _CHANNELS.get(image.mode, 0), meta, max_pixels, what=f"the {fmt} image")
-    if image.mode != "RGB":
-        raise InvalidInput(
-            f"the {fmt} image has mode {image.mode} ({_CHANNELS.get(image.mode, '?')} channel(s)); the model "
-            f"takes 3-channel RGB: convert it first (PIL: image.convert('RGB'))"
-        )
+    check_size(height, width, meta.channels, meta, max_pixels, what=f"the {fmt} image")
+    mode = image.mode
+    if mode != "RGB" and mode not in TO_RGB and mode not in SIXTEEN_BIT:
+        hint = (" converting it without its colour profile would change its colours; convert it to RGB with a "
+                "colour-managed tool" if mode == "CMYK" else " convert it to 8-bit RGB first")
+        raise InvalidInput(f"the {fmt} image has mode {mode}, which the gateway does not convert to RGB:{hint}")
     try:
         image.load()
+        if mode in TO_RGB:
+            image = image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"the {fmt} image cannot be decoded ({exc}); the file is corrupt or truncated") from exc
+    if mode in SIXTEEN_BIT:
+        return _gray16_to_rgb(np.asarray(image), fmt)
     return np.asarray(image)
+
+
+def _gray16_to_rgb(gray: np.ndarray, fmt: str) -> np.ndarray:
+    """16-bit grayscale -> 8-bit RGB keeping the high byte, as Pillow reduces 16-bit RGB PNGs."""
+    if gray.size and (gray.min() < 0 or gray.max() > 0xFFFF):
+        raise InvalidInput(f"the {fmt} image has 32-bit integer pixels outside 0..65535; send 8-bit RGB")
+    eight = (gray.astype(np.uint32) >> 8).astype(np.uint8)
+    return np.repeat(eight[..., None], 3, axis=2)
 
 
 def check_size(height: int, width: int, channels: int, meta: ModelMetadata, max_pixels: int, *, what: str) -> None:
@@ -145,7 +163,23 @@ def tensor_input(tensor: RawTensor, meta: ModelMetadata, max_pixels: int) -> np.
             f"send the array's raw bytes in C order (numpy: array.tobytes())"
         )
     array = np.frombuffer(tensor.data, dtype).reshape(shape)
-    return preprocess(array) if hwc else array.astype(np.float32, copy=False)
+    if hwc:
+        return preprocess(array)
+    check_unit_range(array)
+    return array
+
+
+def check_unit_range(chw: np.ndarray) -> None:
+    """Refuse a float image with NaN, an infinity or a value outside [0, 1], naming the first one."""
+    inside = (chw >= 0) & (chw <= 1)  # False for NaN
+    if inside.all():
+        return
+    index = np.unravel_index(int(np.argmin(inside)), chw.shape)
+    raise InvalidInput(
+        f"the float32 tensor's element {[int(i) for i in index]} (channel, row, column) is "
+        f"{float(chw[index]):.7g}; float32 inputs must be finite RGB values in [0, 1]: divide 8-bit pixels by "
+        f"255, or send them as a uint8 [H, W, 3] tensor"
+    )
 
 
 def preprocess(hwc: np.ndarray) -> np.ndarray:
@@ -166,13 +200,13 @@ def select_tasks(meta: ModelMetadata, names: tuple[str, ...] | list[str]) -> tup
         return meta.tasks
     unknown = [n for n in names if n not in meta.task_names]
     if unknown:
-        raise InvalidInput(f"model {meta.name!r} has no task {unknown[0]!r}; its tasks are {list(meta.task_names)}")
+        raise InvalidInput(f"model {meta.name!r} has no task {shown(unknown[0])}; its tasks are {list(meta.task_names)}")
     return tuple(t for t in meta.tasks if t.name in names)
 
 
 def output_dtype(name: str) -> np.dtype:
     if name not in OUTPUT_DTYPES:
-        raise InvalidInput(f"output dtype {name!r} is not supported; choose one of {list(OUTPUT_DTYPES)}")
+        raise InvalidInput(f"output dtype {shown(name)} is not supported; choose one of {list(OUTPUT_DTYPES)}")
     return DTYPES[name]
 
 

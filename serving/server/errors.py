@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 
 import grpc
 
@@ -99,7 +100,10 @@ class ModelNotReady(GatewayError):
 
 
 class ShuttingDown(GatewayError):
+    """The server is draining: the call did not run; the client retries (on another replica) after ``retry_after_s``."""
+
     code = Code.UNAVAILABLE
+    retry_after_s = 1.0
 
 
 class BackendUnavailable(GatewayError):
@@ -110,6 +114,36 @@ class BackendUnavailable(GatewayError):
 
 class ModelLoadError(RuntimeError):
     """A model version could not be loaded (startup fails; a hot swap keeps the old version)."""
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured (a busy port, an empty repository, unreadable certificates)."""
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters: never echo a whole request field."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+class RateLimitedLog:
+    """One warning line per ``interval_s`` at most, saying how many were suppressed meanwhile: client
+    mistakes are worth a line in the log, but must not let anyone flood it."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self.logger, self.interval_s = logger, interval_s
+        self._last = -float("inf")
+        self._suppressed = 0
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._suppressed += 1
+            return
+        more = f" ({self._suppressed} more since the last such line)" if self._suppressed else ""
+        self.logger.warning("%s%s", message, more)
+        self._last, self._suppressed = now, 0
 
 
 def as_gateway_error(exc: BaseException) -> GatewayError:

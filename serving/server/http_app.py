@@ -8,13 +8,17 @@
 | ``GET /healthz``                   | liveness: 200 while the process serves HTTP                 |
 | ``GET /readyz``                    | readiness: 200 once every model is loaded and warmed up, 503 while loading or draining |
 | ``GET /metrics``                   | Prometheus exposition                                       |
-| ``GET /openapi.json``, ``/docs``   | the OpenAPI schema and its browsable page                   |
+| ``GET /openapi.json``              | the OpenAPI schema                                          |
+| ``GET /docs``                      | its browsable page (Swagger UI, loaded from a CDN): only with ``--docs`` |
 
 Prediction options: query parameters ``tasks`` (comma-separated or repeated), ``output_dtype``
 (``float32``/``float16``) and ``segmentation_probabilities`` (``true``/``false``) work with every body
 type; multipart form fields and JSON keys of the same names take precedence. A deadline can be
-given in milliseconds with the ``X-Timeout-Ms`` header. Errors are ``{"error": {"code", "message"}}``
-with the HTTP status of `serving.server.errors.Code`.
+given in milliseconds with the ``X-Timeout-Ms`` header (a positive number); it is capped at
+``--max-deadline-s``, which is also the deadline of a request without the header, and a response
+whose deadline was capped says so in ``X-Deadline-Capped-Ms`` (the time allowed). Errors are
+``{"error": {"code", "message"}}`` with the HTTP status of `serving.server.errors.Code`; a request
+refused because the server is draining also carries ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
+import math
 from collections.abc import Callable
 
 import pydantic
@@ -32,7 +36,15 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serving.server import codec
-from serving.server.errors import Code, GatewayError, InvalidInput, UnsupportedMediaType, as_gateway_error
+from serving.server.errors import (
+    Code,
+    GatewayError,
+    InvalidInput,
+    ShuttingDown,
+    UnsupportedMediaType,
+    as_gateway_error,
+    shown,
+)
 from serving.server.http_schemas import (
     ErrorJSON,
     ListModelsJSON,
@@ -41,8 +53,9 @@ from serving.server.http_schemas import (
     PredictResponseJSON,
 )
 from serving.server.metrics import CONTENT_TYPE
-from serving.server.service import Gateway, PredictCall, Prediction, describe_model
+from serving.server.service import Deadline, Gateway, PredictCall, Prediction, describe_model
 
+CAPPED_HEADER = "X-Deadline-Capped-Ms"
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
 _ERRORS = {code.http: {"model": ErrorJSON, "description": code.name} for code in Code if code.http >= 400}
 _PREDICT_BODY = {
@@ -60,9 +73,10 @@ _PREDICT_BODY = {
 }
 
 
-def create_app(gateway: Gateway, readiness: Callable[[], tuple[bool, dict]]) -> FastAPI:
-    """The app; ``readiness()`` returns (ready, details) for ``/readyz``."""
-    app = FastAPI(title="parsimony prediction gateway", version="v1",
+def create_app(gateway: Gateway, readiness: Callable[[], tuple[bool, dict]], *, docs: bool = False) -> FastAPI:
+    """The app; ``readiness()`` returns (ready, details) for ``/readyz``; ``docs``: serve ``/docs``."""
+    app = FastAPI(title="parsimony prediction gateway", version="v1", docs_url="/docs" if docs else None,
+                  redoc_url=None,
                   description="Multi-task predictions (segmentation, depth, normals, attributes) from one forward pass.")
 
     @app.post("/v1/models/{name}:predict", response_model=PredictResponseJSON, responses=_ERRORS,
@@ -71,7 +85,7 @@ def create_app(gateway: Gateway, readiness: Callable[[], tuple[bool, dict]]) -> 
         with gateway.track("http", "Predict") as tracked:
             tracked.model = name
             call = await _parse_predict(request, name, gateway)
-            return _json(prediction_to_json(await gateway.predict(call)))
+            return _json(prediction_to_json(await gateway.predict(call)), request)
 
     @app.get("/v1/models", response_model=ListModelsJSON, summary="The served models")
     async def list_models() -> Response:
@@ -99,7 +113,7 @@ def create_app(gateway: Gateway, readiness: Callable[[], tuple[bool, dict]]) -> 
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
-        return error_response(exc)
+        return error_response(exc, request)
 
     app.openapi = _with_request_schema(app.openapi)
     return app
@@ -121,13 +135,24 @@ def _with_request_schema(generate: Callable[[], dict]) -> Callable[[], dict]:
     return openapi
 
 
-def error_response(exc: BaseException) -> Response:
+def error_response(exc: BaseException, request: Request | None = None) -> Response:
     error = as_gateway_error(exc)
-    return JSONResponse({"error": {"code": error.code.name, "message": str(error)}}, status_code=error.code.http)
+    response = JSONResponse({"error": {"code": error.code.name, "message": str(error)}},
+                            status_code=error.code.http)
+    if isinstance(error, ShuttingDown):
+        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return _mark_capped(response, request)
 
 
-def _json(body: dict) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+def _json(body: dict, request: Request | None = None) -> Response:
+    return _mark_capped(Response(json.dumps(body, separators=(",", ":")), media_type="application/json"), request)
+
+
+def _mark_capped(response: Response, request: Request | None) -> Response:
+    capped = None if request is None else getattr(request.state, "deadline_capped_ms", None)
+    if capped is not None:
+        response.headers[CAPPED_HEADER] = str(capped)
+    return response
 
 
 # --- requests -----------------------------------------------------------------------------------
@@ -137,7 +162,7 @@ async def _parse_predict(request: Request, name: str, gateway: Gateway) -> Predi
     body = await _read_body(request, gateway)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options = _query_options(request)
-    deadline = _deadline(request)
+    deadline = _deadline(request, gateway)
     if media in IMAGE_TYPES:
         return PredictCall(model=name, encoded=body, deadline=deadline, **options)
     if media == "multipart/form-data":
@@ -163,15 +188,21 @@ async def _read_body(request: Request, gateway: Gateway) -> bytes:
     return b"".join(chunks)
 
 
-def _deadline(request: Request) -> float | None:
+def _deadline(request: Request, gateway: Gateway) -> float:
+    """The request's deadline from ``X-Timeout-Ms`` (a positive number of milliseconds), capped."""
     value = request.headers.get("x-timeout-ms")
-    if value is None:
-        return None
-    try:
-        ms = float(value)
-    except ValueError:
-        raise InvalidInput(f"X-Timeout-Ms must be a number of milliseconds, got {value!r}") from None
-    return time.perf_counter() + ms / 1e3
+    ms = None
+    if value is not None:
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = math.nan
+        if not (math.isfinite(ms) and ms > 0):
+            raise InvalidInput(f"X-Timeout-Ms must be a positive number of milliseconds, got {shown(value)}; "
+                               f"leave the header out to get the server's longest deadline")
+    deadline: Deadline = gateway.deadline(None if ms is None else ms / 1e3)
+    request.state.deadline_capped_ms = deadline.capped_ms
+    return deadline.at
 
 
 def _options(tasks: list[str], output_dtype: str | None, probabilities: str | None) -> dict:

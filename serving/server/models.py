@@ -9,12 +9,14 @@ deleted to roll back), it loads that version next to the old one and swaps the r
 hold a lease on the version they started with, so a swap never fails one: new requests go to the
 new version at once, and the old version is closed only after its last lease is returned. A version
 that fails to load is logged and counted and the old one keeps serving; it is retried only when its
-folder changes.
+folder changes. A version whose ``model.onnx`` does not match the SHA-256 its manifest records
+(``onnx_sha256``, written by the export) is refused: the folder mixes two exports.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,9 +24,11 @@ from pathlib import Path
 from typing import Protocol
 
 from serving import repository as repo_layout
-from serving.server.backend import Backend, create_backend
+from serving.server import triton_backend  # noqa: F401  (registers the "triton" backend)
+from serving.server.backend import BACKENDS, Backend, create_backend  # noqa: F401  (BACKENDS: for the config)
 from serving.server.batcher import DynamicBatcher
-from serving.server.errors import ModelLoadError, ModelNotFound, ModelNotReady
+from serving.server.config import default
+from serving.server.errors import ModelLoadError, ModelNotFound, ModelNotReady, shown
 from serving.server.metadata import ModelMetadata
 from serving.server.metrics import GatewayMetrics
 from training.export.manifest import ManifestError, load_manifest
@@ -87,9 +91,9 @@ def repository_models(repository: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class BatchingOptions:
-    max_batch: int = 16
-    max_delay_s: float = 0.0
-    max_queue: int = 256
+    max_batch: int = default("max_batch")
+    max_delay_s: float = default("max_queue_delay_ms") / 1e3
+    max_queue: int = default("max_queue")
 
 
 class ServedModel:
@@ -168,7 +172,7 @@ class ModelManager:
             return model
         if name in self._sources:
             raise ModelNotReady(f"model {name!r} is still loading; retry shortly (GET /readyz says when it is ready)")
-        raise ModelNotFound(f"no model {name!r} is served here; served models: {self.names}")
+        raise ModelNotFound(f"no model {shown(name)} is served here; served models: {self.names}")
 
     async def start(self) -> None:
         """Load every source's highest version (raises `ModelLoadError`), then start watching."""
@@ -201,9 +205,14 @@ class ModelManager:
             metadata = ModelMetadata.from_manifest(source.name, version, manifest)
         except (repo_layout.RepositoryError, ManifestError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"model {source.name!r} version {version}: {exc}") from exc
+        await asyncio.to_thread(check_graph_digest, path, manifest)
         backend = create_backend(self.backend, path, metadata, max_batch_size=self.batching.max_batch,
                                  **self.backend_options)
-        await backend.load()
+        try:
+            await backend.load()
+        except BaseException:
+            await backend.close()  # release what the backend holds (its worker thread) before giving up
+            raise
         batcher = DynamicBatcher(backend, max_batch=self.batching.max_batch, max_delay_s=self.batching.max_delay_s,
                                  max_queue=self.batching.max_queue, concurrency=backend.concurrent_batches,
                                  on_batch=self.metrics.batch_observer(source.name))
@@ -248,6 +257,26 @@ class ModelManager:
                       source.name, latest, current.metadata.version, exc)
             return
         self._install(source.name, model)
+
+
+def check_graph_digest(version_dir: Path, manifest: dict) -> None:
+    """Refuse a version whose ``model.onnx`` is not the graph its manifest describes (``onnx_sha256``).
+
+    Manifests written before the digest existed have no ``onnx_sha256`` and are not checked; nor is a
+    version without ``model.onnx`` (a TensorRT plan served by Triton)."""
+    expected = manifest.get("onnx_sha256")
+    graph = Path(version_dir) / manifest.get("onnx_file", "model.onnx")
+    if expected is None or not graph.is_file():
+        return
+    digest = hashlib.sha256()
+    with graph.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != str(expected).lower():
+        raise ModelLoadError(
+            f"{graph} does not match its manifest: its SHA-256 is {digest.hexdigest()} but manifest.json's "
+            f"onnx_sha256 is {expected}; the folder mixes two exports: export the run again and convert it "
+            f"into a new version")
 
 
 def _mtime(source: ModelSource, version: int) -> float:

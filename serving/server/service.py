@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from serving.server import codec
+from serving.server.config import default
 from serving.server.errors import (
     BackendUnavailable,
     Code,
@@ -22,6 +23,7 @@ from serving.server.errors import (
     GatewayError,
     InvalidInput,
     MessageTooLarge,
+    ShuttingDown,
     as_gateway_error,
 )
 from serving.server.metadata import ENCODINGS
@@ -67,8 +69,19 @@ class Prediction:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_message_bytes: int = 8 << 20
-    max_image_pixels: int = 4096 * 4096
+    max_message_bytes: int = default("max_message_bytes")
+    max_image_pixels: int = default("max_image_pixels")
+    max_deadline_s: float = default("max_deadline_s")
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When a request must be answered (a ``time.perf_counter()`` value), and whether the server's
+    ``--max-deadline-s`` shortened (or set) it; ``capped_ms`` is then the time allowed, for the response
+    metadata (``x-deadline-capped-ms``)."""
+
+    at: float
+    capped_ms: int | None = None
 
 
 class Gateway:
@@ -76,11 +89,26 @@ class Gateway:
         self.models = models
         self.metrics = metrics
         self.limits = limits
+        self.accepting = True  # False from the moment the server drains: new calls get UNAVAILABLE
 
     def track(self, protocol: str, method: str) -> _Tracked:
         """``with gateway.track("grpc", "Predict") as t:`` counts the call by status code, keeps the
         in-flight gauge, and turns any exception into a `GatewayError` (set ``t.model`` once known)."""
         return _Tracked(self, protocol, method)
+
+    def admit(self) -> None:
+        """Refuse a new call while draining: it never ran, so the client can retry it elsewhere."""
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down and takes no new calls; retry: another replica (or "
+                               "this one once restarted) will answer")
+
+    def deadline(self, remaining_s: float | None) -> Deadline:
+        """The deadline of a call that the caller wants answered within ``remaining_s`` (None: no limit),
+        capped at the server's maximum."""
+        now, longest = time.perf_counter(), self.limits.max_deadline_s
+        if remaining_s is None or remaining_s > longest:
+            return Deadline(now + longest, round(longest * 1e3))
+        return Deadline(now + remaining_s)
 
     def check_message_size(self, size: int) -> None:
         if size > self.limits.max_message_bytes:
@@ -90,6 +118,7 @@ class Gateway:
             )
 
     async def predict(self, call: PredictCall) -> Prediction:
+        self.admit()
         started = time.perf_counter()
         with self.models.lease(call.model) as model:
             return await self._predict(model, call, started)
@@ -124,9 +153,11 @@ class Gateway:
         return Prediction(meta.name, meta.version, outputs, timings)
 
     def list_models(self) -> list[ServedModel]:
+        self.admit()
         return self.models.served()
 
     def get_model(self, name: str) -> ServedModel:
+        self.admit()
         return self.models.lease(name)
 
 

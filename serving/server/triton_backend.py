@@ -42,6 +42,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, aio
 from tritonclient.utils import InferenceServerException
 
 from serving.server.backend import Backend, register_backend
+from serving.server.config import default
 from serving.server.errors import BackendUnavailable, DeadlineExceeded, GatewayError, ModelLoadError
 from serving.server.metadata import ModelMetadata
 from training.export.spec import INPUT_NAME
@@ -56,7 +57,7 @@ MAX_MESSAGE = 2**31 - 1  # batches of large images exceed gRPC's 4 MiB default
 class TritonBackend(Backend):
     """One model served by the Triton server at ``url`` (``host:port`` of its gRPC endpoint)."""
 
-    def __init__(self, version_dir: Path, metadata: ModelMetadata, *, url: str, max_batch_size: int = 64,
+    def __init__(self, version_dir: Path, metadata: ModelMetadata, *, url: str, max_batch_size: int = default("max_batch"),
                  concurrency: int = 4, load_timeout_s: float = 300.0, health_interval_s: float = 1.0,
                  retries: int = 3, retry_backoff_s: float = 0.05, call_timeout_s: float = 60.0,
                  warmup_batch_sizes: Sequence[int] = (1,)) -> None:
