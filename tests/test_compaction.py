@@ -24,6 +24,7 @@ from training.compaction import (
     plan_compaction,
     save_compact,
 )
+from training.inputs import InputFileError
 from training.models import (
     EncoderConfig,
     ModelConfig,
@@ -417,20 +418,20 @@ def test_save_refuses_a_model_the_plan_did_not_produce(tmp_path) -> None:
 
 
 def test_load_errors_name_the_file(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(InputFileError, match="config.json: compact model config not found"):
         load_compact(tmp_path)
     model, gs, _ = _sparse("tiny", 0)
     small, plan = compact(model)
     save_compact(small, plan, tmp_path)
     (tmp_path / "model.safetensors").rename(tmp_path / "moved")
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(InputFileError, match="model.safetensors: compacted weights not found"):
         load_compact(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(ValueError, match="model.safetensors"):
         load_compact(tmp_path)
     (tmp_path / "moved").rename(tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))  # the dense config
-    with pytest.raises(ValueError, match="does not match the config"):
+    with pytest.raises(InputFileError, match=r"model.safetensors: field 'encoder\.[a-z0-9.]+': the model config in .*config.json expects .* shape"):
         load_compact(tmp_path)
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(ValueError, match="config.json"):

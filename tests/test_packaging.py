@@ -62,9 +62,11 @@ def test_compact_and_export_commands_rebuild_the_artifacts(sparse_run, tmp_path)
 
 def test_commands_explain_a_missing_run(tmp_path, capsys):
     assert compact_main([str(tmp_path / "nope")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert f"run directory {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
     assert export_main([str(tmp_path)]) == 2
-    assert "config.yaml" in capsys.readouterr().err or "checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path} holds no checkpoint") and "training.run directory" in err
+    assert not list(tmp_path.iterdir())  # nothing written, not even a staging folder
 
 
 def test_finetune_starts_from_the_compact_model(sparse_run, tmp_path):

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import yaml
+import torch
 
 from training.checkpoint import BEST, FINAL, LAST, CheckpointError, load_checkpoint
 from training.config import RunConfig
-from training.models import build_model
-from training.models.config import ModelConfig
+from training.inputs import (
+    InputFileError,
+    build_model_from,
+    check_state_dict,
+    image_size_from_metrics,
+    read_yaml,
+    validate,
+)
 from training.models.multitask import MultiTaskModel
 
 COMPACT_DIR = "compact"
@@ -34,7 +39,8 @@ def load_run_model(run_dir: Path) -> tuple[MultiTaskModel, Path]:
     """The model of ``run_dir`` with its final weights, in eval mode, and the checkpoint it came from."""
     path = final_checkpoint(run_dir)
     ckpt = load_checkpoint(path)
-    model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
+    model = build_model_from(ckpt["model_config"], path, "model_config")
+    check_state_dict(model, ckpt["states"]["model"], path, "states.model")
     model.load_state_dict(ckpt["states"]["model"])
     return model.eval(), path
 
@@ -43,8 +49,7 @@ def run_image_size(run_dir: Path) -> tuple[int, int]:
     """The input size the run trained at (recorded in metrics.json; else from its data set)."""
     metrics = Path(run_dir) / "metrics.json"
     if metrics.is_file():
-        h, w = json.loads(metrics.read_text())["image_size"]
-        return int(h), int(w)
+        return image_size_from_metrics(metrics)
     cfg = load_run_config(run_dir)
     if cfg.dataset.image_size:
         return tuple(cfg.dataset.image_size)
@@ -57,4 +62,14 @@ def load_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; is {run_dir} a training.run directory?")
-    return RunConfig.model_validate(yaml.safe_load(path.read_text()))
+    return validate(RunConfig, read_yaml(path, "run config"), path)
+
+
+@torch.no_grad()
+def check_finite_outputs(model: torch.nn.Module, image_size: tuple[int, int], source: Path) -> None:
+    """Refuse weights that overflow to inf/NaN on an image in [0, 1] (finite but corrupt values)."""
+    x = torch.rand(1, 3, *image_size, generator=torch.Generator().manual_seed(0))
+    bad = sorted(k for k, v in model.eval()(x).items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        raise InputFileError(f"{source}: the weights give inf or NaN for output(s) {bad} on an image in [0, 1]; "
+                             f"the file is corrupt")

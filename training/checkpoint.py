@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from training.inputs import InputFileError, field_error
 from training.io import atomic_torch_save
 
 LAST = "checkpoint-last.pt"
@@ -20,8 +21,8 @@ BEST = "checkpoint-best.pt"
 FINAL = "checkpoint-final.pt"  # the evaluated weights (best, with penalty-mode groups finalised)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing or unreadable; the message names the file."""
+class CheckpointError(InputFileError):
+    """A checkpoint is missing, unreadable or lacks a field; the message names the file and field."""
 
 
 @dataclass
@@ -50,13 +51,33 @@ def save_checkpoint(path: Path, *, model_config: dict, states: dict[str, Any], p
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint with its format marker, ``model_config`` (a dict) and ``states.model`` (a dict
+    of tensors) checked; what a caller reads beyond that it checks itself."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or not a weights-only file
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {exc}") from exc
+    except Exception as exc:  # corrupt or not a weights-only file: torch raises many types here
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {exc}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != 1:
         raise CheckpointError(f"{path} is not a parsimony checkpoint (missing format marker)")
+    _require(path, ckpt, "model_config", dict, "a dict (the model's config)")
+    states = _require(path, ckpt, "states", dict, "a dict of state dicts")
+    model = _require(path, states, "model", dict, "a dict of tensors (the model's state dict)", "states.")
+    bad = [k for k, v in model.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise _field_error(path, f"states.model.{bad[0]}", "expected a tensor")
     return ckpt
+
+
+def _require(path: Path, d: dict, key: str, kind: type, expected: str, prefix: str = "") -> Any:
+    if key not in d:
+        raise _field_error(path, prefix + key, f"missing, expected {expected}")
+    if not isinstance(d[key], kind):
+        raise _field_error(path, prefix + key, f"expected {expected}, got a {type(d[key]).__name__}")
+    return d[key]
+
+
+def _field_error(path: Path, field: str, problem: str) -> CheckpointError:
+    return CheckpointError(str(field_error(path, field, problem)))

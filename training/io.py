@@ -1,11 +1,14 @@
-"""Atomic file writes: a reader (or a resumed run) never sees half a file."""
+"""Atomic file writes: a reader (or a resumed run) never sees half a file, and a command that fails
+leaves the files it would have replaced as they were."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,42 @@ def staged(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def staging_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A fresh hidden folder in ``parent`` to build several files in; it is on the same file system,
+    so renaming them out of it is atomic. Removed afterwards with whatever is left in it."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the folder ``src`` onto ``dst`` (same file system). The old ``dst`` is renamed aside,
+    ``src`` renamed in, then the old one deleted: a reader finds the old folder or the new one (or,
+    for the instant between the two renames, none), never a mix of their files."""
+    src, dst = Path(src), Path(dst)
+    os.chmod(src, 0o777 & ~_umask())  # as mkdir would make it (a staging folder is 0o700)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -43,7 +81,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

@@ -1,7 +1,7 @@
 """Physical compaction: remove the encoder's dead channels so the model gets smaller and faster
 while computing exactly what the sparse model computes.
 
-Two phases (STYLE habit 3)::
+Two phases::
 
     from training.compaction import apply_plan, plan_compaction, save_compact, load_compact
 
@@ -13,7 +13,16 @@ Two phases (STYLE habit 3)::
 """
 
 from training.compaction.apply import apply_plan, check_plan, compact, compacted_config, sliced_state_dict
-from training.compaction.io import load_compact, load_config, load_plan, save_compact
+from training.compaction.io import (
+    CONFIG_FILE,
+    PLAN_FILE,
+    WEIGHTS_FILE,
+    check_plan_describes,
+    load_compact,
+    load_config,
+    load_plan,
+    save_compact,
+)
 from training.compaction.plan import (
     PLAN_FORMAT,
     CompactionPlan,
@@ -25,11 +34,15 @@ from training.compaction.plan import (
 )
 
 __all__ = [
+    "CONFIG_FILE",
+    "PLAN_FILE",
+    "WEIGHTS_FILE",
     "PLAN_FORMAT",
     "CompactionPlan",
     "SpacePlan",
     "apply_plan",
     "check_plan",
+    "check_plan_describes",
     "compact",
     "compacted_config",
     "config_hash",

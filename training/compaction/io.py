@@ -1,31 +1,63 @@
 """A compacted model on disk: ``config.json`` + ``model.safetensors`` + ``plan.json``, no pickle.
 
-The config is the architecture (STYLE habit 2): `load_compact` rebuilds the model from
+The config is the architecture: `load_compact` rebuilds the model from
 ``config.json`` with `build_model` and fills it from ``model.safetensors`` (a plain tensor file,
 read with safetensors, never ``torch.load``). ``plan.json`` records how the model was derived
-from its dense source. Each file is written to a temporary name and renamed into place.
+from its dense source. Each file is written to a temporary name and renamed into place;
+`training.compact` builds the whole folder aside and swaps it in. Readers check every field.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Annotated, Literal
 
+from pydantic import Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from training.compaction.apply import compacted_config
 from training.compaction.plan import CompactionPlan
+from training.inputs import (
+    Index,
+    InputFileError,
+    PositiveInt,
+    Schema,
+    build_model_from,
+    check_state_dict,
+    parse_model_config,
+    read_json,
+    validate,
+)
 from training.io import atomic_write_json, staged
 from training.models.config import ModelConfig
 from training.models.multitask import MultiTaskModel
-from training.models.registry import build_model
 from training.sparsity.trace import unwrap
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
+
+
+class SpaceFile(Schema):
+    name: str
+    original_width: PositiveInt
+    width: PositiveInt | None = None
+    kept: list[Index] = Field(min_length=1)
+    padding: list[Index] = Field(default_factory=list)
+    producers: list[Annotated[list[str | None], Field(min_length=2, max_length=2)]] = Field(min_length=1)
+    consumers: list[str] = Field(default_factory=list)
+    head_consumers: list[str] = Field(default_factory=list)
+
+
+class PlanFile(Schema):
+    format: Literal["parsimony.compaction-plan/1"]
+    mode: str
+    round_to: PositiveInt
+    source_config_sha256: str = ""
+    source_config: dict
+    spaces: list[SpaceFile] = Field(min_length=1)
 
 
 def save_compact(model: nn.Module, plan: CompactionPlan, directory: str | Path) -> Path:
@@ -51,59 +83,49 @@ def save_compact(model: nn.Module, plan: CompactionPlan, directory: str | Path) 
 
 
 def load_compact(directory: str | Path) -> MultiTaskModel:
-    """Rebuild the model from ``config.json`` and load ``model.safetensors`` (eval mode, CPU)."""
+    """Rebuild the model from ``config.json`` and load ``model.safetensors`` (eval mode, CPU).
+
+    Both files are checked at the boundary: errors are `InputFileError` exceptions naming the file and field.
+    """
     directory = Path(directory)
-    config = load_config(directory / CONFIG_FILE)
-    model = build_model(config)
-    path = directory / WEIGHTS_FILE
+    config_path, path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    model = build_model_from(read_json(config_path, "compact model config"), config_path)
     if not path.is_file():
-        raise FileNotFoundError(f"compacted weights not found: {path}")
+        raise InputFileError(f"{path}: compacted weights not found")
     try:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    _check_state(model, state, path)
+        raise InputFileError(f"{path}: not a readable safetensors file ({e}); the file is truncated or corrupt") from None
+    check_state_dict(model, state, path, config_path=config_path)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
 def load_config(path: Path) -> ModelConfig:
-    """A `ModelConfig` from a JSON file; errors name the file."""
-    data = _read_json(path, "model config")
-    try:
-        return ModelConfig.from_dict(data)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid model config: {e!r}") from e
+    """A `ModelConfig` from a JSON file; errors name the file and field."""
+    return parse_model_config(read_json(path, "model config"), path)
 
 
 def load_plan(directory: str | Path) -> CompactionPlan:
     """The `CompactionPlan` saved next to a compacted model."""
     path = Path(directory) / PLAN_FILE
+    data = read_json(path, "compaction plan")
+    validate(PlanFile, data, path)
+    parse_model_config(data["source_config"], path, "source_config")
     try:
-        return CompactionPlan.from_dict(_read_json(path, "compaction plan"))
+        return CompactionPlan.from_dict(data)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise InputFileError(f"{path}: {e}") from None
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+def check_plan_describes(plan: CompactionPlan, config: ModelConfig, directory: str | Path) -> None:
+    """Refuse a ``plan.json`` that does not produce the ``config.json`` next to it."""
+    path = Path(directory) / PLAN_FILE
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _check_state(model: nn.Module, state: dict, path: Path) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-    shapes = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{path} does not match the config next to it: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, wrong shapes {[(k, found[k], expected[k]) for k in shapes[:5]]}"
-        )
+        produced = compacted_config(plan)
+    except (ValueError, KeyError) as e:
+        raise InputFileError(f"{path}: field 'spaces': {e}") from None
+    if produced != config:
+        raise InputFileError(f"{path}: the plan does not produce {Path(directory) / CONFIG_FILE} (other widths, "
+                             f"tasks or source config); the two files come from different compactions, "
+                             f"re-run training.compact")

@@ -3,9 +3,12 @@
 It records the tensor spec, the meaning of every task output, the input convention (RGB in
 [0, 1]; the mean/std normalisation is inside the graph), the width-explicit model config (so the
 model can be rebuilt with ``build_model(ModelConfig.from_dict(manifest["model_config"]))``), the
-parameter and MAC counts, the source checkpoint's SHA-256, the export check (opset, tolerances,
-measured errors) and the library versions. `build_manifest` refuses a spec or report that does not
-belong to the model, so the manifest cannot describe a different graph than the one exported.
+parameter and MAC counts, the SHA-256 of the graph it describes (``onnx_sha256``) and of the
+source checkpoint, the export check (opset, tolerances, measured errors) and the library versions.
+`build_manifest` refuses a spec or report that does not belong to the model, so the manifest cannot
+describe a different graph than the one exported; `verify_onnx_digest` lets a reader refuse a
+``model.onnx`` that is not that graph (a folder mixing two exports). `load_manifest` checks every
+field readers use and names the file and field of any problem.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.export.spec import INPUT_NAME, ModelIOSpec, io_spec
+from pydantic import Field
+
+from training.export.spec import INPUT_NAME, ModelIOSpec, SpecError, io_spec
+from training.inputs import InputFileError, PositiveInt, Schema, shown, validate
 from training.io import atomic_write_json
 from training.models.config import ModelConfig
 from training.tasks import TaskSpec
@@ -31,6 +37,7 @@ if TYPE_CHECKING:
 MANIFEST_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 REQUIRED_KEYS = ("format_version", "tasks", "io_spec", "input", "model_config", "complexity", "export")
+WRITTEN_KEYS = (*REQUIRED_KEYS, "onnx_file", "onnx_sha256")  # manifests before the digest lack it
 MACS_NOTE = (
     "MACs count one multiply-add once (FLOPs ~ 2 x MACs); Conv2d and Linear layers only, "
     "batch 1 at input.size"
@@ -38,8 +45,43 @@ MACS_NOTE = (
 _HASH_CHUNK = 1 << 20
 
 
-class ManifestError(ValueError):
+class ManifestError(InputFileError):
     """A manifest is missing, unreadable or inconsistent; the message names the file and the fix."""
+
+
+class _Task(Schema):
+    model_config = {"extra": "allow", "strict": True}
+    name: str = Field(min_length=1)
+    kind: str
+    output: str = Field(min_length=1)
+    channels: PositiveInt
+    class_names: list[str] = Field(default_factory=list)
+    attribute_names: list[str] = Field(default_factory=list)
+
+
+class _Input(Schema):
+    model_config = {"extra": "allow", "strict": True}
+    size: list[PositiveInt] = Field(min_length=2, max_length=2)
+
+
+class _Complexity(Schema):
+    model_config = {"extra": "allow", "strict": True}
+    parameters: int = Field(ge=0)
+    macs: int = Field(ge=0)
+
+
+class _Manifest(Schema):
+    """The fields readers of a manifest use; other sections are for people and pass through."""
+
+    model_config = {"extra": "allow", "strict": True, "protected_namespaces": ()}
+    tasks: list[_Task] = Field(min_length=1)
+    io_spec: dict
+    input: _Input
+    model_config_: dict = Field(alias="model_config")
+    complexity: _Complexity
+    export: dict
+    onnx_file: str = Field(default="model.onnx", pattern=r"^[A-Za-z0-9_.-]+\.onnx$")
+    onnx_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 def build_manifest(
@@ -68,6 +110,7 @@ def build_manifest(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model_name": config.name,
         "onnx_file": report.path.name,
+        "onnx_sha256": sha256_file(report.path),
         "input": input_section(config, (h, w)),
         "tasks": [task_section(t) for t in config.tasks],
         "io_spec": io_spec_.to_dict(),
@@ -86,7 +129,7 @@ def build_manifest(
 
 def write_manifest(path: str | Path, manifest: dict) -> None:
     """Write atomically (temporary file, then rename); a reader never sees half a manifest."""
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    missing = [k for k in WRITTEN_KEYS if k not in manifest]
     if missing:
         raise ManifestError(
             f"refusing to write {path}: manifest lacks {missing}; build it with build_manifest"
@@ -119,7 +162,41 @@ def load_manifest(path: str | Path) -> dict:
         raise ManifestError(
             f"manifest {path} lacks {missing}; it is truncated or hand-edited, re-export the model"
         )
+    _check_fields(manifest, path)
     return manifest
+
+
+def _check_fields(manifest: dict, path: Path) -> None:
+    """Types of every field readers use, the io spec, and tasks that name outputs of that spec."""
+    try:
+        validate(_Manifest, manifest, path)
+    except InputFileError as exc:
+        raise ManifestError(f"manifest {exc}; re-export the model") from None
+    try:
+        outputs = ModelIOSpec.from_dict(manifest["io_spec"]).output_names
+    except SpecError as exc:
+        raise ManifestError(f"manifest {path}: field 'io_spec': {exc}; re-export the model") from None
+    for i, task in enumerate(manifest["tasks"]):
+        if task["output"] not in outputs:
+            raise ManifestError(f"manifest {path}: field 'tasks.{i}.output': {shown(task['output'])} is not an "
+                                f"output of io_spec (it has {list(outputs)}); re-export the model")
+
+
+def verify_onnx_digest(manifest: dict, onnx_path: str | Path) -> None:
+    """Refuse ``onnx_path`` unless its SHA-256 is the manifest's ``onnx_sha256`` (a manifest without
+    the field, written before it existed, is refused too: its graph cannot be vouched for)."""
+    onnx_path = Path(onnx_path)
+    expected = manifest.get("onnx_sha256")
+    if not isinstance(expected, str):
+        raise ManifestError(f"the manifest of {onnx_path} records no onnx_sha256; re-export the model "
+                            f"(python -m training.export RUN_DIR)")
+    if not onnx_path.is_file():
+        raise ManifestError(f"{onnx_path} does not exist; its manifest describes it, re-export the model")
+    actual = sha256_file(onnx_path)
+    if actual != expected:
+        raise ManifestError(f"{onnx_path} is not the graph its manifest describes (SHA-256 {actual[:12]}..., "
+                            f"the manifest's onnx_sha256 is {expected[:12]}...): the folder mixes two exports, "
+                            f"export the run again")
 
 
 def manifest_io_spec(manifest: dict) -> ModelIOSpec:

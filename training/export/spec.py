@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from training.inputs import InputFileError
 from training.models.config import ModelConfig
 
 INPUT_NAME = "image"
@@ -178,7 +179,7 @@ class ModelIOSpec:
         """Raise `SpecMismatch` unless the graph's inputs and outputs have exactly the spec's names,
         element types, ranks and dims (a spec's ``-1`` must be a dynamic dim in the graph, a fixed
         dim the same fixed value). Order is not compared: serving addresses tensors by name."""
-        model = onnx_model if isinstance(onnx_model, onnx.ModelProto) else onnx.load(str(onnx_model))
+        model = onnx_model if isinstance(onnx_model, onnx.ModelProto) else load_onnx(onnx_model)
         initializers = {i.name for i in model.graph.initializer}
         graph_inputs = [v for v in model.graph.input if v.name not in initializers]
         problems = _compare("input", self.inputs, graph_inputs) + _compare(
@@ -186,6 +187,17 @@ class ModelIOSpec:
         )
         if problems:
             raise SpecMismatch("ONNX graph does not match the tensor spec:\n  " + "\n  ".join(problems))
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """An ONNX file, refused with an `InputFileError` naming it when it is missing or not ONNX."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path}: ONNX model not found")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors: a truncated or corrupt file
+        raise InputFileError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
 
 
 def io_spec(model_config: ModelConfig, image_size: tuple[int, int]) -> ModelIOSpec:
