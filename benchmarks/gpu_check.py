@@ -14,7 +14,8 @@ Steps, each a fresh process with its own time limit (the whole check stays withi
 3. ``torchrun-nccl``: the same under ``torchrun --nproc_per_node=1``: DDP over the nccl backend.
 4. ``compaction``: ``benchmarks.compaction`` for the dilated ResNet-50 at 50 % sparsity, CUDA fp16
    eager and CUDA graphs, batch 32 and 1.
-5. ``proximal-cost``: ``benchmarks.proximal_cost --device cuda`` (proximal step against a training step).
+5. ``proximal-cost``: ``benchmarks.proximal_cost --device cuda --batch 16`` (the proximal step against
+   a training step at the paper's batch size).
 6. ``ort-cuda``: the exported compact model in ONNX Runtime's CUDA provider against its CPU
    provider, when the installed onnxruntime has that provider (skipped otherwise, saying so).
 7. ``pytest-gpu``: the test suite's ``gpu``-marked tests.
@@ -173,7 +174,9 @@ def plan(out: Path, dry_run: bool) -> list[Step]:
     compaction = ["--models", "demo", "--quick", "--backends", "ort"] if dry_run else [
         "--models", "resnet50d-os8", "--sparsity", "50", "--batches", "32", "1",
         "--backends", "cuda-fp16", "cuda-fp16-graph", "--device", "cuda"]
-    proximal = ["--models", "demo", "--groups", "channel", "--steps", "1"] if dry_run else ["--steps", "10"]
+    # the paper's batch (16) on the GPU: a batch-2 step is too short to compare the proximal step with
+    proximal = ["--models", "demo", "--groups", "channel", "--steps", "1"] if dry_run else ["--steps", "10",
+                                                                                            "--batch", "16"]
     steps = [
         Step("env", None, 60, call=environment),
         Step("train-amp", [*py, *train, "--out", str(amp_run)], 240, check=exported(amp_run)),

@@ -10,6 +10,7 @@ the dilated ResNet-50 multi-task model. Both are timed on the same model, side b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -37,8 +38,8 @@ def _timed(fn, device: torch.device, repeats: int) -> list[float]:
     return times
 
 
-def measure(case_name: str, mode: str, device: torch.device, steps: int) -> dict:
-    case = CASES[case_name]
+def measure(case_name: str, mode: str, device: torch.device, steps: int, batch_size: int | None = None) -> dict:
+    case = CASES[case_name] if batch_size is None else dataclasses.replace(CASES[case_name], batch=batch_size)
     batch, tasks = fixed_batch(case)
     batch = {k: v.to(device) for k, v in batch.items()}
     torch.manual_seed(0)
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", nargs="+", choices=["channel", "paper"], default=["channel", "paper"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, help="training batch size (default: each model's own; the paper used 16)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models:
         for mode in args.groups:
-            rows.append(r := measure(name, mode, device, args.steps))
+            rows.append(r := measure(name, mode, device, args.steps, args.batch))
             print(f"| {r['case']} | {r['groups']} | {r['n_groups']} | {r['batch']} | {1e3 * r['train_step_s']:.1f} | "
                   f"{1e3 * r['proximal_s']:.2f} | {r['ratio_pct']:.2f}% |")
     if args.json:

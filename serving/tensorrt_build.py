@@ -2,8 +2,10 @@
 
 A plan is tied to the GPU architecture and the TensorRT version it was built with, so it must be
 built on the target GPU. TensorRT is an optional extra (``pip install 'parsimony[tensorrt]'`` on a
-GPU host with NVIDIA's package index): it cannot be installed on this project's machines
-(``shared/NOTES.md`` §5), so the import is guarded and `TensorRTMissing` says what to do instead.
+GPU host with NVIDIA's package index): it cannot be installed on this project's own machines, so
+the import is guarded and `TensorRTMissing` says what to do instead. The TensorRT version must be
+the one of the Triton image that will load the plan (`serving.ngc_release`); another version is
+refused with `TensorRTVersionMismatch`.
 Everything that does not need TensorRT itself (the optimisation profile, the ``trtexec`` flags of
 the Kubernetes engine-builder Job, the settings) is plain Python and tested here.
 
@@ -11,17 +13,22 @@ The build: explicit batch (the only mode of TensorRT 10; the flag is set where i
 one optimisation profile over batch 1..max at the spec's fixed image size (optimised for the
 maximum, the size the dynamic batcher aims for), FP16 when asked and the GPU has fast FP16, TF32
 unless disabled, and a timing cache that is read before and written after, so rebuilding on the
-same GPU skips most kernel timing.
+same GPU skips most kernel timing (a cache TensorRT rejects, made on another GPU or version, is
+reported, left as it is, and the build runs without it).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.ngc_release import NGC_RELEASE, TENSORRT_REQUIREMENT, TENSORRT_VERSION, same_release
 from training.export.spec import ModelIOSpec
 from training.io import staged
+
+log = logging.getLogger("serving.tensorrt_build")
 
 ENGINE_BUILDER = "deploy/engine-builder"
 _INSTEAD = (
@@ -37,16 +44,28 @@ class TensorRTMissing(RuntimeError):
     """TensorRT cannot be imported; the message lists the alternatives."""
 
 
+class TensorRTVersionMismatch(TensorRTMissing):
+    """The installed TensorRT is not the release the serving image loads plans of."""
+
+
 class TensorRTBuildError(RuntimeError):
     """TensorRT could not parse the graph or build an engine; the message carries its errors."""
 
 
 def require_tensorrt():
-    """The ``tensorrt`` module, or `TensorRTMissing`."""
+    """The ``tensorrt`` module of the pinned release, or `TensorRTMissing` / `TensorRTVersionMismatch`."""
     try:
-        return importlib.import_module("tensorrt")
+        trt = importlib.import_module("tensorrt")
     except ImportError as exc:
         raise TensorRTMissing(f"{_INSTEAD} (import failed: {exc})") from exc
+    installed = str(getattr(trt, "__version__", "unknown"))
+    if not same_release(installed):
+        raise TensorRTVersionMismatch(
+            f"TensorRT {installed} is installed, but the Triton image this project deploys (NGC {NGC_RELEASE}) "
+            f"loads plans of TensorRT {TENSORRT_VERSION} only: a plan built here would not load there. Install "
+            f"'{TENSORRT_REQUIREMENT}' (pip install 'parsimony[tensorrt]'), or build in {ENGINE_BUILDER}/ "
+            f"(NVIDIA's TensorRT {NGC_RELEASE} container)")
+    return trt
 
 
 def tensorrt_available() -> bool:
@@ -78,15 +97,19 @@ def optimization_profile(spec: ModelIOSpec, max_batch: int) -> dict[str, tuple[t
             for t in spec.inputs}
 
 
+def profile_shapes(spec: ModelIOSpec, max_batch: int) -> tuple[str, str, str]:
+    """The profile as (min, opt, max) strings ``input:1x3xHxW,...``: trtexec's flags and ONNX Runtime's
+    ``trt_profile_*_shapes`` options take this form."""
+    profile = optimization_profile(spec, max_batch)
+    return tuple(",".join(f"{name}:{'x'.join(map(str, dims[i]))}" for name, dims in profile.items())
+                 for i in range(3))
+
+
 def trtexec_args(spec: ModelIOSpec, settings: BuildSettings, onnx_path: str, plan_path: str) -> list[str]:
     """The ``trtexec`` command line that builds the same plan as `build_plan` (used by the Job)."""
-    profile = optimization_profile(spec, settings.max_batch)
-
-    def shapes(i: int) -> str:
-        return ",".join(f"{name}:{'x'.join(map(str, dims[i]))}" for name, dims in profile.items())
-
-    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}", f"--minShapes={shapes(0)}",
-            f"--optShapes={shapes(1)}", f"--maxShapes={shapes(2)}",
+    lo, opt, hi = profile_shapes(spec, settings.max_batch)
+    args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}", f"--minShapes={lo}",
+            f"--optShapes={opt}", f"--maxShapes={hi}",
             f"--memPoolSize=workspace:{settings.workspace_bytes >> 20}M"]
     if settings.fp16:
         args.append("--fp16")
@@ -118,13 +141,13 @@ def build_plan(onnx_path: Path, plan_path: Path, spec: ModelIOSpec, settings: Bu
     for name, (lo, opt, hi) in optimization_profile(spec, settings.max_batch).items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache = _load_timing_cache(config, settings.timing_cache)
+    cache, cache_accepted = _load_timing_cache(config, settings.timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TensorRTBuildError(f"TensorRT could not build an engine from {onnx_path}; see its log above")
     with staged(Path(plan_path)) as tmp:
         tmp.write_bytes(bytes(serialized))
-    if settings.timing_cache is not None:
+    if settings.timing_cache is not None and cache_accepted:
         with staged(Path(settings.timing_cache)) as tmp:
             tmp.write_bytes(bytes(cache.serialize()))
     return Path(plan_path)
@@ -143,7 +166,16 @@ def _parse_onnx(trt, network, logger, onnx_path: Path) -> None:
 
 
 def _load_timing_cache(config, path: Path | None):
+    """(cache, accepted). TensorRT refuses a cache made on another GPU or TensorRT version
+    (``set_timing_cache`` returns False): then the build times kernels from scratch with an empty
+    cache, and the refused file is not overwritten, since it may serve the GPU it was made on."""
     data = Path(path).read_bytes() if path is not None and Path(path).is_file() else b""
     cache = config.create_timing_cache(data)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    return cache
+    if config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache, True
+    log.warning("TensorRT refused the timing cache %s (made on another GPU or TensorRT version); building "
+                "without it, and leaving the file as it is: point --timing-cache at a file of this GPU's own", path)
+    cache = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise TensorRTBuildError("TensorRT refused even an empty timing cache; build without one")
+    return cache, False

@@ -37,6 +37,9 @@ _KINDS = {"gpu": mc.ModelInstanceGroup.KIND_GPU, "cpu": mc.ModelInstanceGroup.KI
 _TRITON_TO_DTYPE = {d.triton: name for name, d in DTYPES.items()}
 MAX_BATCH_LIMIT = 4096
 DEFAULT_WORKSPACE_BYTES = 1 << 30
+# Where Triton's ONNX Runtime keeps the TensorRT engines it builds (--tensorrt-accelerator): a
+# writable volume in the Triton pod that outlives it (deploy/k8s/overlays/gpu mounts it here).
+ENGINE_CACHE_DIR = "/engine-cache"
 
 
 class ConfigError(ValueError):
@@ -140,13 +143,29 @@ def build_config(
     if options.warmup:
         _add_warmup(config, spec, options.max_batch)
     if options.tensorrt_accelerator:
-        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-        accelerator.parameters["precision_mode"] = "FP16" if options.fp16 else "FP32"
-        accelerator.parameters["max_workspace_size_bytes"] = str(DEFAULT_WORKSPACE_BYTES)
+        _tensorrt_accelerator(config, name, spec, options)
     if fmt.name == "python":
         config.parameters["onnx_file"].string_value = FORMATS["onnx"].model_file
         config.parameters["intra_op_num_threads"].string_value = str(options.intra_op_threads)
     return config
+
+
+def _tensorrt_accelerator(config: mc.ModelConfig, name: str, spec: ModelIOSpec, options: ServingOptions) -> None:
+    """ONNX Runtime's TensorRT execution provider inside Triton. Its engines are built when the model
+    loads; with one optimisation profile over batch 1..max (the plan builder's) they are built once,
+    not once per new batch size, and with the engine and timing caches on a volume that outlives the
+    pod (``ENGINE_CACHE_DIR``, mounted by deploy/k8s/overlays/gpu) a restart loads them instead."""
+    from serving.tensorrt_build import profile_shapes
+
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    params = accelerator.parameters
+    params["precision_mode"] = "FP16" if options.fp16 else "FP32"
+    params["max_workspace_size_bytes"] = str(DEFAULT_WORKSPACE_BYTES)
+    cache = f"{ENGINE_CACHE_DIR}/{name}"
+    params.update(trt_engine_cache_enable="1", trt_engine_cache_path=cache,
+                  trt_timing_cache_enable="1", trt_timing_cache_path=cache)
+    lo, opt, hi = profile_shapes(spec, options.max_batch)
+    params.update(trt_profile_min_shapes=lo, trt_profile_opt_shapes=opt, trt_profile_max_shapes=hi)
 
 
 def render(config: mc.ModelConfig) -> str:

@@ -309,57 +309,6 @@ def test_format_registry_is_consistent():
         assert ServingOptions(format=fmt.name).device == fmt.default_device
 
 
-def _fake_trtexec(tmp_path: Path) -> Path:
-    """Records its arguments and writes the engine file it was asked for, as trtexec would."""
-    script = tmp_path / "trtexec"
-    script.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n'
-                      'for a in "$@"; do case "$a" in --saveEngine=*) echo engine > "${a#--saveEngine=}";; esac; done\n')
-    script.chmod(0o755)
-    return script
-
-
-def test_engine_builder_script_builds_from_the_newest_onnx_version(exported_run, tmp_path):
-    repo = tmp_path / "repo"
-    options = ServingOptions(format="onnx")
-    convert(exported_run, repo, "scenes", options)
-    newest = convert(exported_run, repo, "scenes", options).version_dir
-    out = tmp_path / "work"
-    env = {**os.environ, "REPOSITORY": str(repo), "SOURCE_MODEL": "scenes", "MAX_BATCH": "4", "PRECISION": "fp16",
-           "WORKSPACE_MIB": "1024", "OUT": str(out), "TRTEXEC": str(_fake_trtexec(tmp_path)),
-           "ARGS_FILE": str(tmp_path / "args")}
-    done = subprocess.run(["bash", str(ENGINE_BUILDER / "build-engine.sh")], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "version 2" in done.stdout
-    assert (out / "export" / "manifest.json").read_bytes() == (newest / "manifest.json").read_bytes()
-    spec = manifest_io_spec(load_manifest(newest))
-    expected = trtexec_args(spec, BuildSettings(max_batch=4, fp16=True, timing_cache=repo / ".tensorrt-timing.cache"),
-                            str(out / "export" / "model.onnx"), str(out / "model.plan"))
-    assert (tmp_path / "args").read_text().splitlines() == expected[1:]
-    # the Job's second step: install the plan as the next version of a tensorrt_plan model
-    assert run_cli(out / "export", "--repository", repo, "--name", "scenes_trt", "--format", "tensorrt",
-                   "--plan", out / "model.plan", "--max-batch", "4") == 0
-    assert (repo / "scenes_trt" / "1" / "model.plan").read_text() == "engine\n"
-
-    env["SOURCE_MODEL"] = "absent"
-    failed = subprocess.run(["bash", str(ENGINE_BUILDER / "build-engine.sh")], env=env, capture_output=True, text=True)
-    assert failed.returncode == 1 and "has no version" in failed.stderr
-
-
-def test_engine_builder_job_manifests():
-    docs = list(yaml.safe_load_all((ENGINE_BUILDER / "job.yaml").read_text()))
-    assert [d["kind"] for d in docs] == ["Job"]
-    pod = docs[0]["spec"]["template"]["spec"]
-    build, = pod["initContainers"]
-    install, = pod["containers"]
-    assert build["image"].startswith("nvcr.io/nvidia/tensorrt:")
-    assert build["resources"]["limits"]["nvidia.com/gpu"] == 1
-    env = {e["name"]: e["value"] for e in build["env"]}
-    command = install["command"]
-    assert command[:3] == ["python", "-m", "serving.convert"]
-    assert command[command.index("--max-batch") + 1] == env["MAX_BATCH"]
-    assert command[command.index("--format") + 1] == "tensorrt"
-
-
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (Debian package kubectl)")
 def test_engine_builder_kustomization_renders():
     rendered = subprocess.run(["kubectl", "kustomize", str(ENGINE_BUILDER)], capture_output=True, text=True)

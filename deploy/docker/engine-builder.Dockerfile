@@ -31,4 +31,4 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp MPLCONFIGDIR=/tmp/matplotlib
 USER 10001:10001
 WORKDIR /tmp
-ENTRYPOINT ["python", "-m", "serving.convert"]
+ENTRYPOINT ["python3", "-m", "serving.convert"]
