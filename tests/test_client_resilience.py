@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent import futures
 
+import grpc
 import pytest
 from gateway_support import RunningGateway, SlowBackend, free_port, image_bytes
 
 from clients import AsyncClient, Client, ClientError, RetryPolicy
 from clients.retry import Attempts
+from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.server.backend import OnnxRuntimeBackend, register_backend
 
 SIZE = (32, 48)
@@ -172,3 +175,59 @@ def test_only_retry_codes_are_retried_and_never_past_the_deadline():
     assert 0 < attempts.remaining() <= 1.0
     with pytest.raises(ClientError, match="down"):  # a 10 s wait would end after the 1 s deadline
         attempts.wait_after(ClientError("UNAVAILABLE", "down"))
+
+
+class _CancelFirst:
+    """A bare gRPC server whose ListModels is cancelled by the server ``times`` times, then answers."""
+
+    def __init__(self, times: int) -> None:
+        self.calls = 0
+
+        def list_models(request, context):
+            self.calls += 1
+            if self.calls <= times:
+                context.abort(grpc.StatusCode.CANCELLED, "the server went away")
+            return pb.ListModelsResponse()
+
+        handler = grpc.method_handlers_generic_handler("parsimony.v1.PredictionService", {
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                list_models, request_deserializer=pb.ListModelsRequest.FromString,
+                response_serializer=pb.ListModelsResponse.SerializeToString)})
+        self.server = grpc.server(futures.ThreadPoolExecutor(2), handlers=(handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def __enter__(self) -> _CancelFirst:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop(0)
+
+
+def test_a_cancelled_the_client_did_not_cause_is_retried_for_idempotent_calls():
+    policy = RetryPolicy(initial_backoff=0.01, max_backoff=0.02)
+    with _CancelFirst(times=2) as server, Client(f"127.0.0.1:{server.port}", retry=policy) as client:
+        assert client.list_models() == [] and server.calls == 3
+
+    async def go(port: int) -> list:
+        async with AsyncClient(f"127.0.0.1:{port}", retry=policy) as client:
+            return await client.list_models()
+
+    with _CancelFirst(times=2) as server:
+        assert asyncio.run(go(server.port)) == [] and server.calls == 3
+
+
+def test_a_cancelled_is_not_retried_when_the_client_closed_its_channel_or_for_other_codes():
+    attempts = Attempts(RetryPolicy(), timeout=None, idempotent=True)
+    attempts.remaining()
+    local = ClientError("CANCELLED", "Channel closed!")
+    local.local = True
+    with pytest.raises(ClientError):
+        attempts.wait_after(local)
+    not_idempotent = Attempts(RetryPolicy(), timeout=None, idempotent=False)
+    not_idempotent.remaining()
+    with pytest.raises(ClientError):
+        not_idempotent.wait_after(ClientError("CANCELLED", "cancelled by the server"))
+    retried = Attempts(RetryPolicy(), timeout=None, idempotent=True)
+    retried.remaining()
+    assert retried.wait_after(ClientError("CANCELLED", "cancelled by the server")) >= 0

@@ -217,3 +217,147 @@ def test_the_gateway_and_the_client_start_without_pytorch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_draining_refuses_new_calls_with_a_retry_hint_and_finishes_those_in_flight(exported_run):
+    SlowBackend.infer_delay = 1.0
+    try:
+        with RunningGateway(run=exported_run, backend="slow-onnxruntime", grace_period_s=10) as gw, \
+                gw.http() as http:
+            request = pb.PredictRequest(model="scenes", encoded_image=PNG)
+            in_flight = gw.stub.Predict.future(request, timeout=30)
+            gw.wait_for_queue("scenes", running=1, queued=0)
+            # the moment between the drain's start and the listeners' close, held open for the test
+            gw.loop.call_soon_threadsafe(setattr, gw.server.gateway, "accepting", False)
+            with pytest.raises(grpc.RpcError) as info:
+                gw.stub.Predict(request, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "retry" in info.value.details()
+            assert "grpc-retry-pushback-ms" in dict(info.value.trailing_metadata())
+            refused = http.post("/v1/models/scenes:predict", content=PNG, headers={"Content-Type": "image/png"})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            stopping = gw.call_soon(gw.server.stop())
+            assert in_flight.result().model == "scenes"  # the call in flight ran to its end
+            stopping.result(30)
+    finally:
+        SlowBackend.infer_delay = 0.0
+
+
+def _server_process(exported_run, grpc_port: int, http_port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "serving.server", "--run", str(exported_run), "--model", "scenes", "--host",
+           "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--threads", "1",
+           "--grace-period-s", "10", "--log-level", "WARNING"]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_calls_in_a_tight_loop_across_sigterm_are_never_cancelled_or_lost(exported_run):
+    """A replica receives SIGTERM under load and a successor starts on the same ports (a rolling
+    update): with the project's client, every call succeeds; none ends CANCELLED or is lost."""
+    from clients import Client, ClientError, RetryPolicy
+
+    grpc_port, http_port = free_port(), free_port()
+    first = _server_process(exported_run, grpc_port, http_port)
+    second = None
+    stop, done, failures, retried = threading.Event(), [], [], []
+    policy = RetryPolicy(max_attempts=None, initial_backoff=0.02, max_backoff=0.25,
+                         on_retry=lambda attempt, error, wait: retried.append(error.code))
+
+    def loop(server: str) -> None:
+        with Client(server, retry=policy, timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    done.append(client.predict("scenes", PNG, tasks=["depth"]).model)
+                except ClientError as exc:
+                    failures.append(f"{exc.code}: {exc}")
+
+    try:
+        _wait_ready(f"http://127.0.0.1:{http_port}", first)
+        threads = [threading.Thread(target=loop, args=(f"127.0.0.1:{grpc_port}",)) for _ in range(3)]
+        threads.append(threading.Thread(target=loop, args=(f"http://127.0.0.1:{http_port}",)))
+        for t in threads:
+            t.start()
+        _until(lambda: len(done) > 30)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0
+        before_restart = len(done)
+        second = _server_process(exported_run, grpc_port, http_port)
+        _until(lambda: len(done) > before_restart + 30, timeout=60)
+        stop.set()
+        for t in threads:
+            t.join(60)
+    finally:
+        stop.set()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert failures == [], failures[:5]
+    assert len(done) > 60 and "CANCELLED" not in [f.split(":")[0] for f in failures]
+    assert retried, "the calls sent while no server listened were retried"
+
+
+def _until(condition, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# --- loading: digests and clean-up of failed loads ------------------------------------------------
+
+
+def _with_manifest(repo: Path, version: int, **fields) -> None:
+    import json
+
+    path = repo / "scenes" / str(version) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(fields)
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_version_whose_graph_does_not_match_its_manifest_digest_is_refused(exported_run, tmp_path):
+    import hashlib
+
+    from serving.server.errors import ModelLoadError
+
+    repo = tmp_path / "repo"
+    folder = publish_version(repo, "scenes", exported_run, 1)
+    digest = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+    _with_manifest(repo, 1, onnx_sha256="0" * 64)
+    with pytest.raises(ModelLoadError, match="does not match its manifest.*onnx_sha256"):
+        with RunningGateway(repository=repo):
+            pass
+    _with_manifest(repo, 1, onnx_sha256=digest)  # the right digest loads; so does a manifest without one
+    with RunningGateway(repository=repo) as gw:
+        assert gw.stub.GetModel(pb.GetModelRequest(name="scenes")).version == 1
+        publish_version(repo, "scenes", exported_run, 2)
+        _with_manifest(repo, 2, onnx_sha256="f" * 64)
+        gw.call(gw.server.models._refresh(gw.server.models.sources[0]))  # one poll
+        assert gw.stub.GetModel(pb.GetModelRequest(name="scenes")).version == 1  # refused: version 1 stays
+
+
+def test_a_version_that_fails_to_load_leaves_no_worker_thread_behind(exported_run, tmp_path):
+    import asyncio
+
+    from serving.server.errors import ModelLoadError
+    from serving.server.metrics import GatewayMetrics
+    from serving.server.models import ModelManager, RepositorySource
+
+    repo = tmp_path / "repo"
+    publish_version(repo, "scenes", exported_run, 1, corrupt=True)
+    _with_manifest(repo, 1, onnx_sha256=None)  # no digest to check: ONNX Runtime itself fails to load it
+
+    def workers() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("ort-scenes")]
+
+    async def load_broken() -> None:
+        manager = ModelManager([RepositorySource(repo, "scenes")], GatewayMetrics(), poll_interval_s=0)
+        with pytest.raises(ModelLoadError, match="cannot load"):
+            await manager.start()
+
+    before = len(workers())
+    for _ in range(3):
+        asyncio.run(load_broken())
+    deadline = time.time() + 5
+    while len(workers()) > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(workers()) == before, workers()

@@ -94,38 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# limits and timeouts: (flag, type, help); the default is appended from ServerConfig
+LIMITS = (
+    ("max-deadline-s", float, "longest deadline a request gets; longer or absent deadlines are capped to it and "
+                              "the response metadata (x-deadline-capped-ms) says so"),
+    ("max-header-bytes", int, "largest request head: HTTP answers 431 above it, gRPC refuses the metadata"),
+    ("header-timeout-s", float, "time a connection has to send a request's headers (HTTP, else 408 and closed) "
+                                "or to finish its handshake (gRPC)"),
+    ("idle-timeout-s", float, "close connections without a request for this long"),
+    ("max-connection-age-s", float, "gRPC: ask clients to reconnect after this long, which spreads them over "
+                                    "replicas (0: never)"),
+    ("max-connection-age-grace-s", float, "gRPC: calls in flight then get this long to finish"),
+    ("keepalive-time-s", float, "gRPC: ping a client idle this long"),
+    ("keepalive-timeout-s", float, "gRPC: drop a client not answering a ping within this long"),
+    ("min-ping-interval-s", float, "gRPC: drop clients that ping more often than this"),
+    ("max-connections", int, "concurrent connections per protocol; HTTP answers 503 above it"),
+    ("max-concurrent-streams", int, "gRPC: concurrent calls per connection"),
+)
+
+
 def _add_limits(p: argparse.ArgumentParser) -> None:
-    d = default
-    g = p.add_argument_group("limits and timeouts (both protocols unless marked)")
-    g.add_argument("--max-deadline-s", type=float,
-                   help=f"longest deadline a request gets; longer or absent deadlines are capped to it and the "
-                        f"response metadata (x-deadline-capped-ms) says so (default {d('max_deadline_s'):g})")
-    g.add_argument("--max-header-bytes", type=int,
-                   help=f"largest request head: HTTP answers 431 above it, gRPC refuses the metadata "
-                        f"(default {d('max_header_bytes')})")
-    g.add_argument("--header-timeout-s", type=float,
-                   help=f"time a connection has to send a request's headers (HTTP, else 408 and closed) or to "
-                        f"finish its handshake (gRPC) (default {d('header_timeout_s'):g})")
-    g.add_argument("--idle-timeout-s", type=float,
-                   help=f"close connections without a request for this long (default {d('idle_timeout_s'):g})")
-    g.add_argument("--max-connection-age-s", type=float,
-                   help=f"gRPC: ask clients to reconnect after this long, which spreads them over replicas "
-                        f"(default {d('max_connection_age_s'):g}; 0: never)")
-    g.add_argument("--max-connection-age-grace-s", type=float,
-                   help=f"gRPC: calls in flight then get this long to finish "
-                        f"(default {d('max_connection_age_grace_s'):g})")
-    g.add_argument("--keepalive-time-s", type=float,
-                   help=f"gRPC: ping a client idle this long (default {d('keepalive_time_s'):g})")
-    g.add_argument("--keepalive-timeout-s", type=float,
-                   help=f"gRPC: drop a client not answering a ping within this long "
-                        f"(default {d('keepalive_timeout_s'):g})")
-    g.add_argument("--min-ping-interval-s", type=float,
-                   help=f"gRPC: drop clients that ping more often than this (default {d('min_ping_interval_s'):g})")
-    g.add_argument("--max-connections", type=int,
-                   help=f"concurrent connections per protocol; HTTP answers 503 above it "
-                        f"(default {d('max_connections')})")
-    g.add_argument("--max-concurrent-streams", type=int,
-                   help=f"gRPC: concurrent calls per connection (default {d('max_concurrent_streams')})")
+    group = p.add_argument_group("limits and timeouts (both protocols unless marked)")
+    for flag, kind, text in LIMITS:
+        value = default(flag.replace("-", "_"))
+        group.add_argument(f"--{flag}", type=kind, help=f"{text} (default {value:g})" if kind is float
+                           else f"{text} (default {value})")
 
 
 def _add_tls(p: argparse.ArgumentParser) -> None:

@@ -264,7 +264,7 @@ def check_graph_digest(version_dir: Path, manifest: dict) -> None:
 
     Manifests written before the digest existed have no ``onnx_sha256`` and are not checked; nor is a
     version without ``model.onnx`` (a TensorRT plan served by Triton)."""
-    expected = manifest.get("onnx_sha256")
+    expected = manifest.get("onnx_sha256")  # None (or absent): an export from before the digest
     graph = Path(version_dir) / manifest.get("onnx_file", "model.onnx")
     if expected is None or not graph.is_file():
         return
