@@ -10,7 +10,7 @@ TRITON_VENV ?= .venv-triton
 TRITON_SPEC ?= nvidia-pytriton==0.7.0 'numpy<2' 'onnxruntime>=1.18'
 PYTEST_ARGS ?=
 
-.PHONY: venv triton-venv demo test deploy-check lint bench bench-triton bench-gateway bench-triton-gateway proto clean
+.PHONY: venv triton-venv demo test deploy-check lint bench bench-triton bench-gateway bench-triton-gateway gpu-check proto clean
 
 venv: $(VENV)/.installed
 
@@ -54,6 +54,12 @@ bench-gateway: venv
 
 bench-triton-gateway: venv triton-venv
 	$(PY) -m benchmarks.triton_gateway
+
+# every GPU measurement in one call (training on CUDA with AMP, torchrun/nccl, CUDA compaction and
+# proximal-step benchmarks, ORT's CUDA provider, the gpu-marked tests); report in runs/gpu-check.
+# On a bare GPU host without this venv: python3 -m benchmarks.gpu_check (its docstring lists what to bring).
+gpu-check: venv
+	$(PY) -m benchmarks.gpu_check --out runs/gpu-check
 
 # regenerate the committed gRPC/protobuf modules after editing serving/proto/parsimony/v1/*.proto
 proto: venv

@@ -232,3 +232,49 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert steps["torchrun-nccl"]["details"]["log_line"].endswith("backend gloo")
     assert steps["train-amp"]["details"]["epochs"] == 1
     assert (out / "report.md").read_text().count("| passed |") == 6
+
+
+# --- on a GPU (skipped without one; `make gpu-check` runs them) -------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_setup(lam: float, scaler: torch.amp.GradScaler, dtype: torch.dtype):
+    step, batch, ctx = _small_setup(lam=lam, scaler=scaler)
+    step.cuda()
+    ctx.optimizer = torch.optim.AdamW(step.parameters(), lr=1e-3)
+    ctx.scheduler = torch.optim.lr_scheduler.LambdaLR(ctx.optimizer, lambda s: 1.0)
+    ctx.regularizer = GroupLasso(build_groups(step.model), lam=lam)
+    ctx.autocast = lambda: torch.autocast("cuda", dtype=dtype)
+    return step, {k: v.cuda() for k, v in batch.items()}, ctx
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_training_steps_do_not_synchronise():
+    """bf16 steps with the proximal step: under CUDA's sync debug mode any host-device
+    synchronisation in them raises."""
+    step, batch, ctx = _cuda_setup(0.5, torch.amp.GradScaler("cuda", enabled=False), torch.bfloat16)
+    _optimizer_step(step, batch, ctx)  # first step: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            _optimizer_step(step, batch, ctx)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in step.parameters())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fp16_skipped_step_leaves_the_weights_alone():
+    """The fp16 path (T4/V100) with a real CUDA grad scaler: a NaN batch skips the step on the device."""
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+    step, batch, ctx = _cuda_setup(5.0, scaler, torch.float16)
+    before = {k: v.detach().clone() for k, v in step.named_parameters()}
+    _optimizer_step(step, dict(batch, image=torch.full_like(batch["image"], float("nan"))), ctx)
+    assert scaler.get_scale() < 2.0**16
+    assert all(torch.equal(before[k], v) for k, v in step.named_parameters())
+    _optimizer_step(step, batch, ctx)
+    assert any(not torch.equal(before[k], v) for k, v in step.named_parameters())
