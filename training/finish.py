@@ -5,16 +5,17 @@ channel-survival plot, and print the tables."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 
 from training.baselines import evaluate_predictor, fit_trivial
 from training.checkpoint import BEST, FINAL, LAST, TrainProgress
 from training.distributed import barrier
 from training.engine import evaluate
+from training.inputs import InputFileError, read_json, validate
 from training.io import atomic_write_json
 from training.metrics import delta_mtl
 from training.models.complexity import count_macs, count_parameters
@@ -32,9 +33,23 @@ def load_baseline(paths: list[str]) -> dict[str, dict[str, float]]:
         path = Path(raw)
         path = path / "metrics.json" if path.is_dir() else path
         if not path.is_file():
-            raise ValueError(f"baseline {raw}: no metrics.json there; point --baseline at a finished run")
-        merged.update(json.loads(path.read_text())["tasks"])
+            raise InputFileError(f"baseline {raw}: no metrics.json there; point --baseline at a finished run")
+        tasks = validate(BaselineFile, read_json(path, "baseline metrics"), path).tasks
+        merged.update(tasks)
     return merged
+
+
+class BaselineFile(BaseModel):
+    """The part of a baseline run's metrics.json that ΔMTL reads."""
+
+    tasks: dict[str, dict[str, float]]
+
+
+def _delta_mtl(metrics: dict, baseline: dict, run: Run) -> float:
+    try:
+        return delta_mtl(metrics, baseline, run.tasks)
+    except (KeyError, ValueError) as exc:  # a baseline without this task or metric, or a zero baseline
+        raise InputFileError(f"--baseline {run.config.baseline}: {exc}") from None
 
 
 def final_evaluation(run: Run, progress: TrainProgress) -> dict:
@@ -60,7 +75,7 @@ def final_evaluation(run: Run, progress: TrainProgress) -> dict:
     }
     if run.config.baseline:
         baseline = load_baseline(run.config.baseline)
-        result["delta_mtl"] = delta_mtl(test_metrics, baseline, run.tasks)
+        result["delta_mtl"] = _delta_mtl(test_metrics, baseline, run)
         result["baseline"] = {"paths": run.config.baseline, "tasks": baseline}
     atomic_write_json(run.run_dir / "metrics.json", result)
     epoch = progress.best_epoch if which == "best" else progress.epoch - 1

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from training.artifacts import COMPACT_DIR
-from training.checkpoint import LAST, CheckpointError, TrainProgress
+from training.checkpoint import LAST, TrainProgress
 from training.config import (
     ConfigError,
     RunConfig,
@@ -30,10 +30,16 @@ from training.config import (
 )
 from training.data import DataError, available_datasets
 from training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
-from training.finish import final_evaluation, package_run
+from training.export.onnx_export import ExportMismatch
+from training.finish import final_evaluation, load_baseline, package_run
+from training.inputs import InputFileError
+from training.models.config import ConfigError as ModelConfigError
 from training.trainer import build_run, fit, pick_device, restore
 
 log = logging.getLogger("training")
+# what a user's flags, config files or data can cause: one line and exit status 2. Anything else is a
+# bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, InputFileError, ModelConfigError, ExportMismatch)
 
 # flag -> dotted config key; every flag defaults to None so that only given flags override.
 FLAG_KEYS = {
@@ -161,6 +167,14 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, dist: DistInfo) -> Path:
     return run_dir
 
 
+def _device(name: str, dist: DistInfo | None = None):
+    """`pick_device`, whose ValueError means a device this machine does not have (a flag error)."""
+    try:
+        return pick_device(name, dist)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def configure_logging(dist: DistInfo) -> None:
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
@@ -170,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve(args)
-        device = pick_device(cfg.device)
+        load_baseline(cfg.baseline)  # a bad --baseline fails now, not after training
+        device = _device(cfg.device)
         dist = init_distributed(device)
         configure_logging(dist)
-        device = pick_device(cfg.device, dist)
+        device = _device(cfg.device, dist)
         run_dir = prepare_run_dir(cfg, bool(args.resume), dist)
         run = build_run(cfg, run_dir, dist, device)
         progress = restore(run, run_dir / LAST) if args.resume else TrainProgress()
@@ -185,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         final_evaluation(run, progress)
         if cfg.train.export and dist.is_main:
             package_run(run)
-    except (ConfigError, DataError, CheckpointError, ValueError, KeyError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

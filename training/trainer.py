@@ -333,10 +333,17 @@ def _end_epoch(run: Run, progress: TrainProgress, epoch: int, train_losses: dict
 
 def _maybe_inject_kill(global_step: int) -> None:
     """Fault injection for the kill-and-resume test: ``PARSIMONY_KILL_AT_STEP=N`` makes the process
-    SIGKILL itself right after optimizer step N, before any checkpoint of that step is written."""
-    at = os.environ.get("PARSIMONY_KILL_AT_STEP")
-    if at is not None and global_step == int(at):
+    SIGKILL itself right after optimizer step N, before any checkpoint of that step is written.
+    The variable is read once per process (on the first step), not in every step of the loop."""
+    at = _kill_step()
+    if at is not None and global_step == at:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@functools.cache
+def _kill_step() -> int | None:
+    at = os.environ.get("PARSIMONY_KILL_AT_STEP")
+    return None if at is None else int(at)
 
 
 def _stopped(progress: TrainProgress) -> bool:
