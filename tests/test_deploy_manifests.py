@@ -375,3 +375,45 @@ def test_engine_builder_builds_into_the_serving_stacks_volume():
     assert command[command.index("--max-batch") + 1] == env["MAX_BATCH"]
     config, _, _ = gateway_config(render(OVERLAYS["gpu"]))
     assert int(env["MAX_BATCH"]) >= config.max_batch, "the plan's profile must cover the gateway's batches"
+
+
+# --- the optional TLS component -------------------------------------------------------------------
+
+GATEWAY_TLS = BASE.parent / "components" / "gateway-tls"
+
+
+@pytest.fixture(scope="module", params=sorted(OVERLAYS))
+def with_tls(request, tmp_path_factory):
+    """An overlay plus the gateway-tls component, as a user adds it (kustomize takes relative paths only)."""
+    import os
+
+    folder = tmp_path_factory.mktemp(f"tls-{request.param}")
+    overlay, component = (os.path.relpath(p, folder) for p in (OVERLAYS[request.param], GATEWAY_TLS))
+    (folder / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {overlay}\ncomponents:\n  - {component}\n")
+    return render(folder)
+
+
+def test_the_tls_component_renders_valid_objects(with_tls):
+    for obj in with_tls:
+        if obj["kind"] not in CUSTOM_KINDS:
+            for version in KUBERNETES_VERSIONS:
+                _validate(obj, version, f"with gateway-tls: {obj['kind']}/{obj['metadata']['name']}")
+
+
+def test_the_tls_component_mounts_the_secret_the_flags_name_and_probes_over_https(with_tls):
+    deployment = one(with_tls, "Deployment", "gateway")
+    gateway = container(deployment, "gateway")
+    args = gateway_parser().parse_args(gateway["args"])  # every flag known to the server
+    mount = next(m for m in gateway["volumeMounts"] if m["name"] == "tls")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == "gateway-tls" and mount["readOnly"]
+    assert str(args.tls_cert) == f"{mount['mountPath']}/tls.crt" and str(args.tls_key) == f"{mount['mountPath']}/tls.key"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert gateway[probe]["httpGet"]["scheme"] == "HTTPS", probe
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"  # the kubelet's gRPC probe has no TLS
+    endpoint = one(with_tls, "ServiceMonitor", "gateway")["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"]["name"] == "gateway-tls"
+    plain = container(one(render(OVERLAYS["cpu"]), "Deployment", "gateway"), "gateway")
+    assert not any(a.startswith("--tls") for a in plain["args"])  # TLS stays optional
