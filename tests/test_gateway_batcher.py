@@ -1,4 +1,7 @@
-"""Dynamic batching (`serving.server.batcher`) on a scripted backend, and the ONNX Runtime backend."""
+"""Dynamic batching (`serving.server.batcher`) on a scripted backend, and the ONNX Runtime backend.
+
+The scripted backend holds every batch at a gate the test opens, and says when a batch started, so
+the tests order events by waiting on them, never by sleeping and hoping the batcher got there."""
 
 from __future__ import annotations
 
@@ -20,13 +23,17 @@ META = metadata()
 
 
 class ScriptedBackend(Backend):
-    """Returns each image's mean as every output; records batch sizes; optional delay/failure."""
+    """Returns each image's mean as every output; records batch sizes; optional failure. With
+    ``gated`` every batch waits for ``gate`` to open; ``started`` is set when a batch begins."""
 
     kind = "scripted"
 
-    def __init__(self, delay: float = 0.0, fail: bool = False, max_batch_size: int = 64) -> None:
+    def __init__(self, gated: bool = False, fail: bool = False, max_batch_size: int = 64) -> None:
         super().__init__(META, max_batch_size=max_batch_size)
-        self.delay, self.fail = delay, fail
+        self.fail = fail
+        self.gate, self.started = asyncio.Event(), asyncio.Event()
+        if not gated:
+            self.gate.set()
         self.batches: list[tuple[int, tuple[str, ...]]] = []
         self.deadlines: list[float | None] = []
 
@@ -40,7 +47,8 @@ class ScriptedBackend(Backend):
     async def infer(self, batch, outputs, deadline=None):
         self.batches.append((len(batch), tuple(outputs)))
         self.deadlines.append(deadline)
-        await asyncio.sleep(self.delay)
+        self.started.set()
+        await self.gate.wait()
         if self.fail:
             raise RuntimeError("boom")
         means = batch.reshape(len(batch), -1).mean(axis=1)
@@ -53,6 +61,15 @@ def image(value: float) -> np.ndarray:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+async def until(condition, turns: int = 1000) -> None:
+    """Let the event loop run until ``condition()`` holds (a bounded number of turns, no clock)."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the batcher never reached the expected state")
 
 
 async def _with_batcher(backend, body, **kw):
@@ -75,45 +92,52 @@ def test_idle_requests_run_at_once_alone_and_each_gets_its_own_slice():
     first, second = run(_with_batcher(backend, body, max_delay_s=0.0))
     assert backend.batches == [(1, ("seg",)), (1, ("depth",))]
     assert first.outputs == {"seg": pytest.approx(0.25)} and second.outputs == {"depth": pytest.approx(0.75)}
-    assert first.batch_size == 1 and first.queue_s < 0.05
+    assert first.batch_size == 1 and second.batch_size == 1
 
 
 def test_requests_arriving_during_a_batch_form_the_next_one_with_the_union_of_outputs():
-    backend = ScriptedBackend(delay=0.05)
+    backend = ScriptedBackend(gated=True)
 
     async def body(b):
         first = asyncio.ensure_future(b.submit(image(1), ["seg"]))
-        await asyncio.sleep(0.01)  # the first batch is running now
+        await backend.started.wait()  # the first batch is running now
         rest = [asyncio.ensure_future(b.submit(image(i / 10), ["depth"] if i % 2 else ["normal"])) for i in range(5)]
+        await until(lambda: b.depth == 5)
+        backend.gate.set()
         return await first, await asyncio.gather(*rest)
 
     first, rest = run(_with_batcher(backend, body))
     assert backend.batches == [(1, ("seg",)), (5, ("depth", "normal"))]  # model output order
     assert [r.batch_size for r in rest] == [5] * 5
     assert [float(next(iter(r.outputs.values()))) for r in rest] == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])
-    assert all(r.queue_s > 0.02 for r in rest)
+    assert all(r.queue_s > 0 for r in rest)
 
 
 def test_max_batch_is_respected():
-    backend = ScriptedBackend(delay=0.02)
+    backend = ScriptedBackend(gated=True)
 
     async def body(b):
-        await asyncio.gather(*(b.submit(image(0), ["seg"]) for _ in range(7)))
+        calls = [asyncio.ensure_future(b.submit(image(0), ["seg"])) for _ in range(7)]
+        await backend.started.wait()
+        await until(lambda: b.depth == 6)
+        backend.gate.set()
+        await asyncio.gather(*calls)
 
     run(_with_batcher(backend, body, max_batch=3))
     assert [n for n, _ in backend.batches] == [1, 3, 3]  # the first finds the batcher idle and runs alone
 
 
 def test_a_caller_that_gives_up_during_its_idle_run_frees_the_batcher():
-    backend = ScriptedBackend(delay=0.05)
+    backend = ScriptedBackend(gated=True)
 
     async def body(b):
         first = asyncio.ensure_future(b.submit(image(0), ["seg"]))  # idle: runs at once, in its caller's task
-        await asyncio.sleep(0.01)
+        await backend.started.wait()
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
-        return await asyncio.wait_for(b.submit(image(0.5), ["depth"]), 2)
+        backend.gate.set()
+        return await asyncio.wait_for(b.submit(image(0.5), ["depth"]), 10)
 
     result = run(_with_batcher(backend, body))
     assert result.outputs == {"depth": pytest.approx(0.5)} and len(backend.batches) == 2
@@ -127,15 +151,23 @@ def test_max_delay_holds_the_first_request_for_the_batch_to_fill():
     backend = ScriptedBackend()
 
     async def body(b):
-        start = time.perf_counter()
         first = asyncio.ensure_future(b.submit(image(0), ["seg"]))
-        await asyncio.sleep(0.03)
-        second = await b.submit(image(0), ["seg"])
-        return await first, second, time.perf_counter() - start
+        await until(lambda: b.depth == 1)  # held, not run alone
+        second = await b.submit(image(0), ["seg"])  # fills the batch of 2: both run, without the 30 s
+        return await first, second
 
-    first, second, elapsed = run(_with_batcher(backend, body, max_delay_s=0.2, max_batch=4))
-    assert backend.batches == [(2, ("seg",))] and first.batch_size == 2
-    assert 0.15 < elapsed < 1.0 and first.queue_s >= 0.15
+    first, second = run(_with_batcher(backend, body, max_delay_s=30.0, max_batch=2))
+    assert backend.batches == [(2, ("seg",))] and first.batch_size == second.batch_size == 2
+
+
+def test_max_delay_runs_a_batch_that_did_not_fill_when_it_expires():
+    backend = ScriptedBackend()
+
+    async def body(b):
+        return await b.submit(image(0), ["seg"])
+
+    alone = run(_with_batcher(backend, body, max_delay_s=0.05, max_batch=4))
+    assert backend.batches == [(1, ("seg",))] and alone.queue_s >= 0.05  # a timer never fires early
 
 
 def test_a_full_batch_does_not_wait_for_the_delay():
@@ -146,35 +178,36 @@ def test_a_full_batch_does_not_wait_for_the_delay():
         await asyncio.gather(*(b.submit(image(0), ["seg"]) for _ in range(4)))
         return time.perf_counter() - start
 
-    assert run(_with_batcher(backend, body, max_delay_s=5.0, max_batch=4)) < 1.0
+    assert run(_with_batcher(backend, body, max_delay_s=30.0, max_batch=4)) < 10.0
 
 
 def test_full_queue_is_refused_at_once():
-    backend = ScriptedBackend(delay=0.2)
+    backend = ScriptedBackend(gated=True)
 
     async def body(b):
         running = asyncio.ensure_future(b.submit(image(0), ["seg"]))
-        await asyncio.sleep(0.02)  # running; the next two wait in the queue
+        await backend.started.wait()  # running; the next two wait in the queue
         queued = [asyncio.ensure_future(b.submit(image(0), ["seg"])) for _ in range(2)]
-        await asyncio.sleep(0)
-        start = time.perf_counter()
+        await until(lambda: b.depth == 2)
+        # refused while the running batch still holds the gate: the call did not wait for room
         with pytest.raises(QueueFull, match="2 requests queued"):
-            await b.submit(image(0), ["seg"])
-        refused_after = time.perf_counter() - start
-        await asyncio.gather(running, *queued)
-        return refused_after
+            await asyncio.wait_for(b.submit(image(0), ["seg"]), 10)
+        assert not backend.gate.is_set()
+        backend.gate.set()
+        return await asyncio.gather(running, *queued)
 
-    assert run(_with_batcher(backend, body, max_queue=2, max_batch=1)) < 0.01
+    assert len(run(_with_batcher(backend, body, max_queue=2, max_batch=1))) == 3
 
 
 def test_deadline_passing_in_the_queue_skips_the_request_and_serving_goes_on():
-    backend = ScriptedBackend(delay=0.2)
+    backend = ScriptedBackend(gated=True)
 
     async def body(b):
         running = asyncio.ensure_future(b.submit(image(0), ["seg"]))
-        await asyncio.sleep(0.02)
+        await backend.started.wait()  # the gate holds it until the queued request's deadline passed
         with pytest.raises(DeadlineExceeded, match="deadline passed"):
             await b.submit(image(0), ["depth"], deadline=time.perf_counter() + 0.05)
+        backend.gate.set()
         await running
         return await b.submit(image(0.5), ["normal"])
 
@@ -214,7 +247,7 @@ def test_close_runs_what_is_queued_without_waiting_and_then_refuses():
         b = DynamicBatcher(backend, max_batch=8, max_delay_s=30.0)
         b.start()
         pending = [asyncio.ensure_future(b.submit(image(0), ["seg"])) for _ in range(3)]
-        await asyncio.sleep(0.01)
+        await until(lambda: b.depth == 3)
         start = time.perf_counter()
         await b.close()
         results = await asyncio.gather(*pending)
@@ -223,7 +256,7 @@ def test_close_runs_what_is_queued_without_waiting_and_then_refuses():
         return results, time.perf_counter() - start
 
     results, elapsed = run(body())
-    assert len(results) == 3 and elapsed < 1.0
+    assert len(results) == 3 and elapsed < 10.0  # not the 30 s delay
 
 
 # --- ONNX Runtime backend -------------------------------------------------------------------------
