@@ -203,8 +203,17 @@ def test_basic_compacted_widths_and_basic_dilation() -> None:
 
 
 def test_aspp_trains_with_batch_one() -> None:
+    """The image-pool branch sees one value per channel at batch 1; it must still train every head
+    parameter (BatchNorm there would raise in training mode or zero the branch)."""
     model = create_model(encoder="tiny", tasks=(SEG,), head="aspp", head_width=8).train()
-    model(torch.rand(1, 3, 32, 32))["seg"].sum().backward()
+    out = model(torch.rand(1, 3, 32, 32))["seg"]
+    assert out.shape == (1, SEG.channels, 32, 32) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    head = dict(model.heads.named_parameters())
+    missing = [n for n, p in head.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    pool = [n for n in head if "pool" in n and n.endswith("weight")]
+    assert pool and all(head[n].grad.abs().sum() > 0 for n in pool), pool
 
 
 def test_normalisation_buffers_follow_config_not_state_dict() -> None:

@@ -12,7 +12,14 @@ import torch.distributed as dist
 from torch import nn
 
 from training.models import EncoderConfig, HeadConfig, ModelConfig, StageConfig, build_model, create_model
-from training.sparsity import GroupLasso, GroupSet, build_groups, check_same_across_ranks, zero_mask_digest
+from training.sparsity import (
+    GroupLasso,
+    GroupSet,
+    build_groups,
+    check_same_across_ranks,
+    zero_mask,
+    zero_mask_digest,
+)
 from training.sparsity.regularizer import raise_if_ranks_differ
 from training.tasks import TaskSpec
 
@@ -280,14 +287,23 @@ def test_rank_check_names_the_ranks_that_differ() -> None:
         raise_if_ranks_differ([7, 8, 7, 9])
 
 
-def test_check_same_across_ranks(tmp_path) -> None:
+def test_check_same_across_ranks(tmp_path, monkeypatch) -> None:
+    """Without a process group nothing is gathered; with one, every rank's digest of its zero mask
+    is gathered and compared (one rank here: its own digest, which agrees with itself)."""
+    import training.sparsity.regularizer as regularizer
+
     gs = build_groups(_tiny())
-    check_same_across_ranks(gs)  # no process group: no-op
+    compared: list[list[int]] = []
+    real = regularizer.raise_if_ranks_differ
+    monkeypatch.setattr(regularizer, "raise_if_ranks_differ", lambda d: (compared.append(d), real(d)))
+    check_same_across_ranks(gs)  # no process group: nothing to compare
+    assert compared == []
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         check_same_across_ranks(gs)
     finally:
         dist.destroy_process_group()
+    assert compared == [[zero_mask_digest(zero_mask(gs))]]
 
 
 def _rank_worker(rank: int, path: str) -> None:
