@@ -10,11 +10,9 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from serving import repository as layout
 from serving.convert import convert, label_files, main
@@ -30,7 +28,6 @@ from serving.triton_config import (
 from training.export.manifest import load_manifest, manifest_io_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINE_BUILDER = ROOT / "deploy" / "engine-builder"
 needs_no_tensorrt = pytest.mark.skipif(tensorrt_available(), reason="checks the error raised without TensorRT")
 
 
@@ -307,14 +304,6 @@ def test_format_registry_is_consistent():
         assert bool(fmt.platform) != bool(fmt.backend), fmt
         assert fmt.default_device in fmt.devices
         assert ServingOptions(format=fmt.name).device == fmt.default_device
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (Debian package kubectl)")
-def test_engine_builder_kustomization_renders():
-    rendered = subprocess.run(["kubectl", "kustomize", str(ENGINE_BUILDER)], capture_output=True, text=True)
-    assert rendered.returncode == 0, rendered.stderr
-    kinds = [d["kind"] for d in yaml.safe_load_all(rendered.stdout)]
-    assert sorted(kinds) == ["ConfigMap", "Job"]
 
 
 def test_label_files_follow_the_manifest(exported_faces_run):
