@@ -11,7 +11,7 @@ from gateway_support import image_bytes
 from PIL import Image
 
 from serving.server import codec
-from serving.server.errors import ImageTooLarge, InvalidInput
+from serving.server.errors import Code, ImageTooLarge, InvalidInput, UnknownTask
 from serving.server.metadata import ModelMetadata, TaskInfo
 from training.export.manifest import load_manifest
 from training.export.spec import ModelIOSpec, TensorSpec
@@ -150,8 +150,9 @@ def test_tensor_pixel_limit():
 def test_select_tasks_keeps_model_order_and_refuses_unknown_names():
     assert [t.name for t in codec.select_tasks(META, [])] == ["seg", "depth", "normal", "attrs"]
     assert [t.name for t in codec.select_tasks(META, ["normal", "seg"])] == ["seg", "normal"]
-    with pytest.raises(InvalidInput, match=r"no task 'sky'; its tasks are \['seg', 'depth', 'normal', 'attrs'\]"):
+    with pytest.raises(UnknownTask, match=r"no task 'sky'; its tasks are \['seg', 'depth', 'normal', 'attrs'\]") as e:
         codec.select_tasks(META, ["seg", "sky"])
+    assert e.value.code is Code.INVALID_ARGUMENT
 
 
 def test_output_dtype():

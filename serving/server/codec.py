@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from serving.server.errors import ImageTooLarge, InvalidInput, shown
+from serving.server.errors import ImageTooLarge, InvalidInput, UnknownTask, shown
 from serving.server.metadata import ModelMetadata, TaskInfo
 
 # dtype names shared by the proto enum, the JSON API and numpy (little-endian on the wire)
@@ -200,7 +200,7 @@ def select_tasks(meta: ModelMetadata, names: tuple[str, ...] | list[str]) -> tup
         return meta.tasks
     unknown = [n for n in names if n not in meta.task_names]
     if unknown:
-        raise InvalidInput(f"model {meta.name!r} has no task {shown(unknown[0])}; its tasks are {list(meta.task_names)}")
+        raise UnknownTask(f"model {meta.name!r} has no task {shown(unknown[0])}; its tasks are {list(meta.task_names)}")
     return tuple(t for t in meta.tasks if t.name in names)
 
 
