@@ -40,7 +40,7 @@ ONNX Runtime's latency is compared like for like: its threads spin exactly when 
 best batched throughput is the best of the spinning modes. With h2load installed, `benchmarks._gateway_bounds`
 adds what no Python gRPC front end can beat here (``--no-h2load`` skips it).
 
-Targets (issue 6): gateway p50 <= 1.05 x ORT p50; gateway throughput >= 0.9 x ORT's best batched
+Targets: gateway p50 <= 1.05 x ORT p50; gateway throughput >= 0.9 x ORT's best batched
 throughput. Client and server share the machine's cores, as they would on one node.
 """
 

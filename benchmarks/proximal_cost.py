@@ -3,7 +3,7 @@
     python -m benchmarks.proximal_cost                       # resnet50d-os8 at 288x384 and the demo model
     python -m benchmarks.proximal_cost --device cuda         # on a GPU (synchronised timings)
 
-Target (issue: channel group sparsity): the proximal step costs at most 5% of a training step of
+Target: the proximal step costs at most 5% of a training step of
 the dilated ResNet-50 multi-task model. Both are timed on the same model, side by side.
 """
 

@@ -12,7 +12,7 @@ What the generated config holds, and why:
 - ``max_batch_size`` and dims without the batch dimension (the graph's batch dim is dynamic);
 - dynamic batching, preferred batch sizes (powers of two up to the maximum) and a small queue
   delay (100 µs by default: a CPU python-backend model answers in about 0.5 ms, and a 500 µs
-  delay doubles that at low load, ``shared/NOTES.md`` §4);
+  delay doubles that at low load, as measured with the bundled Triton);
 - one instance group, ``KIND_GPU`` or ``KIND_CPU``, with ``--instances`` copies;
 - warm-up requests with random data at batch 1 and at the maximum, so the first user request
   does not pay for lazy initialisation (ONNX Runtime arenas, TensorRT engine builds);

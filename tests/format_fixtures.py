@@ -1,4 +1,4 @@
-"""Writers of tiny data roots in the exact on-disk layouts of the real data sets (NOTES §2).
+"""Writers of tiny data roots in the exact on-disk layouts of the real data sets (docs/DATA.md).
 
 They are deliberately independent of the loaders (own attribute list, own file naming), so a
 loader that misreads the format fails against them. Content is random but reproducible from

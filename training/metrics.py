@@ -1,4 +1,4 @@
-"""Evaluation metrics accumulated over a whole evaluation set (definitions: NOTES.md §3).
+"""Evaluation metrics accumulated over a whole evaluation set (definitions: docs/METHOD.md §5).
 
 Every metric keeps its state as tensors of sums and counts only (float64 or int64). Summing the
 states of several DDP ranks (`all_reduce_metrics`) therefore gives the single-process result:

@@ -137,7 +137,7 @@ def to_markdown(settings: Sequence[Setting], tasks: Sequence[TaskSpec], meta: di
         f"# Sparsity sweep: {meta['dataset']}, encoder {meta['encoder']}, tasks {', '.join(meta['tasks'])}",
         "",
         f"Seeds {', '.join(map(str, meta['seeds']))}: every cell is the mean ± sample standard deviation over "
-        "the seeds (n per row; no ± with one seed). ΔMTL (NOTES.md §3) in percent, positive = better: "
+        "the seeds (n per row; no ± with one seed). ΔMTL (docs/METHOD.md §6) in percent, positive = better: "
         "**vs ST** against the dense (λ = 0) single-task models *of the same seed*; **vs dense** against the "
         "dense model with the same tasks and the same seed (for multi-task rows: the dense multi-task "
         f"model). Compact parameters and MACs (M, at {h}×{w}) count the model after removing zero groups "

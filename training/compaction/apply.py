@@ -1,7 +1,7 @@
 """Phase two of compaction: rewrite the config, rebuild, and copy the kept channels' weights.
 
 `apply_plan` is pure: it builds a new `MultiTaskModel` from the rewritten config (the config is
-the architecture, STYLE habit 2) and fills it by slicing the source's state dict; the source
+the architecture) and fills it by slicing the source's state dict; the source
 model is never modified. Encoder conv weights become ``W[out_kept][:, in_kept]``, conv biases and
 BN weight/bias/running stats ``[kept]`` (``num_batches_tracked`` is copied), the heads' input
 convs (``input_convs()``) ``W[:, kept of the encoder output]``; every other tensor is copied as is.

@@ -7,8 +7,8 @@ source model's config (and its SHA-256), so `apply_plan` refuses a model it was 
 recorded plan replays on any freshly built model with that config (the Torch-Pruning habit).
 
 Kept channels are the alive ones (`training.sparsity.alive_channels`); with ``round_to`` > 1 a
-few dead channels are retained so every width is a multiple of ``round_to`` (NOTES §4: such widths
-run much faster), never exceeding the original width. Retained dead channels are chosen
+few dead channels are retained so every width is a multiple of ``round_to`` (such widths
+run much faster: docs/METHOD.md §4), never exceeding the original width. Retained dead channels are chosen
 deterministically: largest L2 norm of their producer weights (filters, biases, BN γ and β) first,
 then lowest index. Keeping a dead channel never changes an output (it is either exactly zero or
 read by nothing that is kept alive), so the compacted model stays exact whatever ``round_to`` is.

@@ -1,4 +1,4 @@
-"""CelebAMask-HQ in its original release layout (NOTES §2).
+"""CelebAMask-HQ in its original release layout (docs/DATA.md).
 
 ```
 root/CelebA-HQ-img/<n>.jpg                                  1024 x 1024 RGB

@@ -1,4 +1,4 @@
-"""NYU-v2 as preprocessed for multi-task benchmarks (the MTAN / LibMTL layout, NOTES §2).
+"""NYU-v2 as preprocessed for multi-task benchmarks (the MTAN / LibMTL layout, docs/DATA.md).
 
 ```
 root/train/{image,label,depth,normal}/{i}.npy     795 samples

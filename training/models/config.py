@@ -1,7 +1,7 @@
 """Width-explicit model configuration.
 
 The config *is* the architecture: every channel width of the encoder and the heads is listed, so a
-compacted network (issue: compaction) is described by rewriting widths here and rebuilding.
+compacted network (docs/METHOD.md §4) is described by rewriting widths here and rebuilding.
 Configs are frozen dataclasses that round-trip through plain dicts (JSON/YAML friendly).
 """
 

@@ -1,4 +1,4 @@
-"""Channel-level group sparsity of the shared encoder (NOTES §1).
+"""Channel-level group sparsity of the shared encoder (docs/METHOD.md §2-3).
 
 Typical use in a training loop::
 

@@ -2,7 +2,7 @@
 
 Two grouping modes (`build_groups`), one group per channel of each grouped space:
 
-- ``channel``: the zero-invariant group of NOTES §1. For every feature channel of the encoder:
+- ``channel``: the zero-invariant group (docs/METHOD.md §2). For every feature channel of the encoder:
   producer filter(s) + bias + BN gamma and beta + the input slices of every encoder consumer; a
   residual-stream channel is one group across all blocks adding into it. When such a group is zero
   the channel is exactly 0 everywhere and can be removed with no change to any output. Channel
