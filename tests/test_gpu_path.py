@@ -4,6 +4,7 @@ steps, FP16-safe normals, torchrun with one process, and the prepared GPU check 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from training.losses import MultiTaskLoss
 from training.models import create_model
 from training.models.heads import unit_vectors
 from training.sparsity import GroupLasso, build_groups
+from training.sparsity.captured import WARMUP_CALLS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,18 +149,28 @@ def test_an_epoch_reads_the_losses_back_only_when_logging(monkeypatch):
     assert reads == ["mean"] * 4  # batches 2, 4, 6 and the epoch's means
 
 
+def _steps_follow_the_scaler(step, batches, ctx) -> list[bool]:
+    """Runs a step per batch; a step the grad scaler skipped (its scale went down) must leave every
+    weight as it was, proximal step included, and a step it took must move them. Returns which
+    steps were taken."""
+    taken = []
+    for batch in batches:
+        before = {k: v.detach().clone() for k, v in step.named_parameters()}
+        scale = ctx.scaler.get_scale()
+        _optimizer_step(step, batch, ctx)
+        skipped = ctx.scaler.get_scale() < scale
+        moved = any(not torch.equal(before[k], v) for k, v in step.named_parameters())
+        assert moved != skipped, f"step {len(taken)}: skipped={skipped} but weights moved={moved}"
+        taken.append(not skipped)
+    return taken
+
+
 def test_a_skipped_scaler_step_leaves_the_weights_alone():
-    """A grad scaler skips the optimizer step on inf gradients; the proximal step must skip too."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    step, batch, ctx = _small_setup(lam=5.0, scaler=scaler)
-    params = lambda: {k: v.detach().clone() for k, v in step.named_parameters()}  # noqa: E731
-    before = params()
+    """A grad scaler skips the optimizer step on inf/NaN gradients; the proximal step must skip too."""
+    step, batch, ctx = _small_setup(lam=5.0, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
     poisoned = dict(batch, image=torch.full_like(batch["image"], float("nan")))  # NaN gradients
-    _optimizer_step(step, poisoned, ctx)
-    assert scaler.get_scale() < 2.0**16  # the scaler saw them and skipped the step
-    assert all(torch.equal(before[k], v) for k, v in params().items())
-    _optimizer_step(step, batch, ctx)  # a finite step moves the weights, proximal step included
-    assert any(not torch.equal(before[k], v) for k, v in params().items())
+    taken = _steps_follow_the_scaler(step, [poisoned, batch, batch], ctx)
+    assert taken[0] is False and any(taken[1:])
 
 
 def test_proximal_step_follows_the_stepped_flag():
@@ -255,7 +267,9 @@ def test_cuda_training_steps_do_not_synchronise():
     """bf16 steps with the proximal step: under CUDA's sync debug mode any host-device
     synchronisation in them raises."""
     step, batch, ctx = _cuda_setup(0.5, torch.amp.GradScaler("cuda", enabled=False), torch.bfloat16)
-    _optimizer_step(step, batch, ctx)  # first step: lazy initialisation may synchronise
+    for _ in range(WARMUP_CALLS + 1):  # lazy initialisation and the proximal step's graph capture synchronise
+        _optimizer_step(step, batch, ctx)
+    assert ctx.regularizer._captured.graph is not None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -269,12 +283,31 @@ def test_cuda_training_steps_do_not_synchronise():
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_fp16_skipped_step_leaves_the_weights_alone():
-    """The fp16 path (T4/V100) with a real CUDA grad scaler: a NaN batch skips the step on the device."""
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
-    step, batch, ctx = _cuda_setup(5.0, scaler, torch.float16)
-    before = {k: v.detach().clone() for k, v in step.named_parameters()}
-    _optimizer_step(step, dict(batch, image=torch.full_like(batch["image"], float("nan"))), ctx)
-    assert scaler.get_scale() < 2.0**16
-    assert all(torch.equal(before[k], v) for k, v in step.named_parameters())
-    _optimizer_step(step, batch, ctx)
-    assert any(not torch.equal(before[k], v) for k, v in step.named_parameters())
+    """The fp16 path (T4/V100) with a real CUDA grad scaler: skips decided on the device; after the
+    NaN batch the scaler may skip a few more steps while it backs off from fp16 overflows."""
+    step, batch, ctx = _cuda_setup(5.0, torch.amp.GradScaler("cuda", init_scale=2.0**16), torch.float16)
+    poisoned = dict(batch, image=torch.full_like(batch["image"], float("nan")))
+    taken = _steps_follow_the_scaler(step, [poisoned] + [batch] * 12, ctx)
+    assert taken[0] is False and any(taken[1:])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_proximal_step_equals_the_eager_one():
+    from training.data.synthetic_scenes import TASKS
+
+    torch.manual_seed(0)
+    model = create_model(encoder="tiny", tasks=TASKS).cuda()
+    twin = copy.deepcopy(model)
+    captured, eager = GroupLasso(build_groups(model), lam=3.0), GroupLasso(build_groups(twin), lam=3.0)
+    schedule = [(1e-3, True), (2e-3, True), (3e-3, False), (1e-3, True), (5e-3, True), (2e-3, False), (4e-3, True)]
+    for lr, stepped in schedule:
+        flag = torch.tensor(stepped, device="cuda")
+        captured.proximal_step(lr, flag)
+        eager._proximal(lr, flag)  # the same update, launched op by op
+    assert captured._captured.graph is not None, "the step was not captured"
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a == 0, b == 0), name
+        assert torch.allclose(a, b, rtol=1e-6, atol=0), name
+    zero = captured.zero_mask()
+    assert 0 < sum(int(m.sum()) for m in zero.values()) < sum(m.numel() for m in zero.values())

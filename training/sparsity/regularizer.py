@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from training.sparsity.captured import CapturedUpdate
 from training.sparsity.groups import GroupSet, zero_mask
 
 REG_MODES: tuple[str, ...] = ("proximal", "penalty")
@@ -66,6 +67,7 @@ class GroupLasso:
             )
         self.cooldown_from = cooldown_from
         self._keep: dict[str, Tensor] | None = None
+        self._captured: CapturedUpdate | None = None
         self._index = groupset.index()
         sizes = torch.tensor([groupset.group_size(n) for n in self._index.keys], dtype=torch.float64)
         self._sqrt_sizes_cpu = sizes.sqrt().repeat_interleave(torch.tensor(self._index.widths))
@@ -113,6 +115,15 @@ class GroupLasso:
         a tensor so that the decision stays on the device."""
         if self.lam == 0 or lr == 0:
             return
+        device = self._index.entries[0][0].device if self._index.entries else torch.device("cpu")
+        if device.type != "cuda":
+            self._proximal(lr, stepped)
+            return
+        if self._captured is None:  # on a GPU: one graph replay instead of hundreds of launches
+            self._captured = CapturedUpdate(self._proximal, device)
+        self._captured(lr, stepped)
+
+    def _proximal(self, lr: float | Tensor, stepped: Tensor | None) -> None:
         sq = self._index.reduce_flat("sumsq")
         threshold = self._weights(sq) * (lr * self.lam)
         factor = (1 - threshold / sq.sqrt().clamp_min(torch.finfo(sq.dtype).tiny)).clamp_min_(0)
