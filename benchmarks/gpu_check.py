@@ -255,7 +255,10 @@ def _summary(outcome: dict) -> str:
         return "; ".join(f"{r['backend']} b{r['batch']}: {r['dense_ms']:.2f}→{r['compact_ms']:.2f} ms "
                          f"(×{r['speedup']:.2f}, MACs ×{r['mac_ratio']:.2f})" for r in rows)
     if outcome["name"] == "proximal-cost":
-        return "; ".join(f"{r['case']} {r['groups']}: {r['ratio_pct']:.2f}% of a step" for r in d.get("rows", []))
+        return "; ".join(f"{r['case']} {r['groups']}: {1e3 * r['proximal_s']:.2f} ms (op by op "
+                         f"{1e3 * r['proximal_eager_s']:.2f}), {r['ratio_pct']:.2f}% of an fp32 step"
+                         + (f", {r['ratio_amp_pct']:.2f}% of a bf16 step" if "ratio_amp_pct" in r else "")
+                         for r in d.get("rows", []))
     text = json.dumps({k: v for k, v in d.items() if k != "models"}, default=str)
     return (text[:300] + "…" if len(text) > 300 else text).replace("|", "\\|")
 
