@@ -40,6 +40,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -102,13 +103,17 @@ def environment(_: Path) -> dict:
 
 
 def exported(run_dir: Path) -> Callable[[Path], dict]:
-    def check(_: Path) -> dict:
+    def check(log: Path) -> dict:
+        text = log.read_text(errors="replace")
+        if "could not be captured" in text:  # the proximal step fell back to eager launches
+            raise RuntimeError(next(line for line in text.splitlines() if "could not be captured" in line))
         missing = [f for f in ("model.onnx", "manifest.json", "metrics.json") if not (run_dir / f).is_file()]
         if missing:
             raise RuntimeError(f"{run_dir} lacks {', '.join(missing)} after the run")
         history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line]
         manifest = json.loads((run_dir / "manifest.json").read_text())
-        return {"epochs": len(history), "val_loss": history[-1]["val_loss"],
+        rates = [float(m) for m in re.findall(r"([0-9.]+) img/s", text)]
+        return {"epochs": len(history), "img_per_s": rates[-1] if rates else None, "val_loss": history[-1]["val_loss"],
                 "train_loss": history[-1]["train"]["loss"], "compact_macs": manifest["complexity"]["macs"]}
     return check
 
@@ -120,6 +125,12 @@ def logged(pattern: str) -> Callable[[Path], dict]:
         if not lines:
             raise RuntimeError(f"the log does not say {pattern!r}")
         return {"log_line": lines[-1].strip()}
+    return check
+
+
+def both(*checks: Callable[[Path], dict]) -> Callable[[Path], dict]:
+    def check(log: Path) -> dict:
+        return {k: v for c in checks for k, v in c(log).items()}
     return check
 
 
@@ -181,7 +192,7 @@ def plan(out: Path, dry_run: bool) -> list[Step]:
         Step("env", None, 60, call=environment),
         Step("train-amp", [*py, *train, "--out", str(amp_run)], 240, check=exported(amp_run)),
         Step("torchrun-nccl", [*torchrun, *train, "--out", str(ddp_run)], 180,
-             check=logged(f"backend {'gloo' if dry_run else 'nccl'}")),
+             check=both(logged(f"backend {'gloo' if dry_run else 'nccl'}"), exported(ddp_run))),
         Step("compaction", [*py, "-m", "benchmarks.compaction", *compaction, "--json", str(out / "compaction.json")],
              300, check=json_file(out / "compaction.json")),
         Step("proximal-cost", [*py, "-m", "benchmarks.proximal_cost", *proximal, "--device", device,
