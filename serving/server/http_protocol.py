@@ -31,6 +31,29 @@ log = logging.getLogger("serving.server")
 _refusals = RateLimitedLog(log)
 
 
+class _HeadLimitedConnection(h11.Connection):
+    """h11's connection refusing a request head over ``max_head`` bytes, however it arrived: h11
+    itself checks only a head still incomplete, so a large one arriving in one read would pass."""
+
+    def __init__(self, max_head: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_head)
+        self.max_head = max_head
+        self.refused_status = 400
+
+    def next_event(self):
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.refused_status = exc.error_status_hint  # 431 when the incomplete head grew too large
+            raise
+        if isinstance(event, h11.Request):
+            size = len(event.method) + len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) + 12
+            if size > self.max_head:
+                self.refused_status = 431
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+        return event
+
+
 class LimitedH11Protocol(H11Protocol):
     """Subclass with the limits set as class attributes (`with_limits` makes one per server)."""
 
@@ -47,8 +70,8 @@ class LimitedH11Protocol(H11Protocol):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.conn = _HeadLimitedConnection(self.max_header_bytes)
         self._head_bytes = 0  # bytes received since the current request began, while its head is incomplete
-        self._head_tail = b""  # their last 3 bytes: the head's end (CRLF CRLF) can straddle two reads
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
 
@@ -69,30 +92,23 @@ class LimitedH11Protocol(H11Protocol):
         if self._refused:  # lingering after a refusal: drop what the client still sends
             return
         if self.conn.their_state is h11.IDLE:
+            self._head_bytes += len(data)
             if self._head_timer is None:
                 self._start_head_timer()
-            if self._head_size(data) > self.max_header_bytes:
-                self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "INVALID_ARGUMENT",
-                             f"the request's head (request line and headers) is over the server's limit of "
-                             f"{self.max_header_bytes} bytes (--max-header-bytes); send fewer or shorter headers")
-                return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # the head is complete
-            self._head_bytes, self._head_tail = 0, b""
+            self._head_bytes = 0
             self._stop_head_timer()
 
-    def _head_size(self, data: bytes) -> int:
-        """The size of the request head so far: up to its end when ``data`` holds it, else all received."""
-        seen, tail = self._head_bytes, self._head_tail
-        end = (tail + data).find(b"\r\n\r\n")
-        self._head_bytes = seen + len(data)
-        self._head_tail = (tail + data)[-3:]
-        return self._head_bytes if end < 0 else seen + end + 4 - len(tail)
-
     def send_400_response(self, msg: str) -> None:
-        """h11 refused the request (the head's size is checked before it sees it): say so, with a status."""
-        self._refuse(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT",
-                     "the request is not valid HTTP/1.1 (malformed request line, header or framing)")
+        """h11 refused the request: say why, with the right status."""
+        if self.conn.refused_status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE:
+            self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "INVALID_ARGUMENT",
+                         f"the request's head (request line and headers) is over the server's limit of "
+                         f"{self.max_header_bytes} bytes (--max-header-bytes); send fewer or shorter headers")
+        else:
+            self._refuse(HTTPStatus.BAD_REQUEST, "INVALID_ARGUMENT",
+                         "the request is not valid HTTP/1.1 (malformed request line, header or framing)")
 
     def shutdown(self) -> None:
         if self._refused:
