@@ -349,10 +349,14 @@ def test_a_version_that_fails_to_load_leaves_no_worker_thread_behind(exported_ru
     def workers() -> list[str]:
         return [t.name for t in threading.enumerate() if t.name.startswith("ort-scenes")]
 
+    kept = []  # the errors stay referenced (as a log record or an error report keeps them), and with
+    # them, through their tracebacks, the failed backend: its worker thread must be gone all the same
+
     async def load_broken() -> None:
         manager = ModelManager([RepositorySource(repo, "scenes")], GatewayMetrics(), poll_interval_s=0)
-        with pytest.raises(ModelLoadError, match="cannot load"):
+        with pytest.raises(ModelLoadError, match="cannot load") as info:
             await manager.start()
+        kept.append(info)
 
     before = len(workers())
     for _ in range(3):
