@@ -8,26 +8,34 @@ repository from an exported run.
     python -m serving.convert model_repository/scenes/3 --name scenes_trt --format tensorrt --plan model.plan
 
 RUN_DIR is any folder holding ``model.onnx`` and ``manifest.json`` (a training run, or a version of
-an ``onnx`` model in a repository). Each call adds the next version of NAME (written to a hidden
-folder and renamed into place), rewrites ``config.pbtxt`` and the label files from the export's
-tensor spec, and with ``--keep N`` deletes all but the newest N versions. Everything is checked
-before anything is written: a run without an export, an unknown format, a name Triton would
-reject, contradictory options or a missing TensorRT end with an error and leave the repository as
-it was. The repository layout is described in `serving.repository`, the config in
-`serving.triton_config`.
+an ``onnx`` model in a repository). Each call adds the next version of NAME, rewrites
+``config.pbtxt`` and the label files from the export's tensor spec, and with ``--keep N`` deletes
+all but the newest N versions. Everything is checked before anything is written: a run without an
+export, a damaged manifest or ONNX file, a graph that is not the one its manifest describes (see
+`serving.export_check`), an unknown format, a name Triton would reject, contradictory options or a
+missing TensorRT end with an error (exit status 2) and leave the repository as it was.
+
+Writes are crash-safe: killed at any instant (even with SIGKILL), the conversion leaves a repository
+that Triton and the gateway load, with the model either absent, at its previous version or at the
+new one; what a killed run left behind is hidden from both servers and deleted by the next
+conversion. The repository layout and how it is written are described in `serving.repository`, the
+config in `serving.triton_config`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from serving import repository as repo_layout
+from serving.export_check import ConvertError, ExportedModel, label_files, load_export
 from serving.tensorrt_build import (
     BuildSettings,
     TensorRTBuildError,
@@ -35,28 +43,25 @@ from serving.tensorrt_build import (
     build_plan,
     require_tensorrt,
 )
-from serving.triton_config import FORMATS, ServingOptions, build_config, parse_config, render
+from serving.triton_config import (
+    FORMATS,
+    ServingOptions,
+    build_config,
+    config_io_spec,
+    parse_config,
+    render,
+)
 from training.artifacts import MANIFEST_FILE, ONNX_FILE
-from training.export.manifest import load_manifest, manifest_io_spec
-from training.export.spec import ModelIOSpec
+from training.export.manifest import sha256_file
+
+__all__ = ["ConvertError", "ConvertResult", "ExportedModel", "convert", "label_files", "load_export", "main"]
 
 log = logging.getLogger("serving")
 PYTHON_MODEL = "model.py"
 TIMING_CACHE = ".tensorrt-timing.cache"  # per repository, next to the models (Triton ignores files there)
-
-
-class ConvertError(ValueError):
-    """The run, the repository or the options cannot be converted; the message says the fix."""
-
-
-@dataclass(frozen=True)
-class ExportedModel:
-    """A checked export: the ONNX graph matches the tensor spec its manifest records."""
-
-    directory: Path
-    onnx_path: Path
-    manifest: dict
-    spec: ModelIOSpec
+# Test hook, read once by main(): comma-separated write steps (repository.WRITE_STEPS, or "onnx-copied")
+# at which the process announces "paused at STEP" on stderr and waits to be killed.
+PAUSE_ENV = "PARSIMONY_CONVERT_PAUSE_AT"
 
 
 @dataclass(frozen=True)
@@ -69,32 +74,6 @@ class ConvertResult:
     @property
     def version(self) -> int:
         return int(self.version_dir.name)
-
-
-def load_export(run_dir: Path) -> ExportedModel:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConvertError(f"run directory {run_dir} does not exist; pass a training.run output folder")
-    missing = [f for f in (ONNX_FILE, MANIFEST_FILE) if not (run_dir / f).is_file()]
-    if missing:
-        raise ConvertError(
-            f"{run_dir} has no export ({' and '.join(missing)} missing); run `python -m training.export "
-            f"{run_dir}` first (training.run does it at the end unless --no-export)"
-        )
-    manifest = load_manifest(run_dir / MANIFEST_FILE)
-    spec = manifest_io_spec(manifest)
-    spec.check_against_onnx(run_dir / ONNX_FILE)
-    return ExportedModel(run_dir, run_dir / ONNX_FILE, manifest, spec)
-
-
-def label_files(manifest: dict) -> dict[str, tuple[str, str]]:
-    """``{output: (file name, text)}``: class names of segmentation tasks, names of attributes."""
-    files = {}
-    for task in manifest["tasks"]:
-        names = task.get("class_names") or task.get("attribute_names")
-        if names:
-            files[task["output"]] = (repo_layout.label_file(task["output"]), "".join(f"{n}\n" for n in names))
-    return files
 
 
 def convert(
@@ -114,7 +93,7 @@ def convert(
     _check_arguments(repository, options, keep, plan, timing_cache)
     labels = label_files(export.manifest)
     config_text = render(build_config(name, export.spec, options, {k: f for k, (f, _) in labels.items()}))
-    _check_existing_model(repository, name, options)
+    _check_existing_model(repository, name, options, export)
     if options.format == "tensorrt" and plan is None:
         require_tensorrt()
     model_files = {repo_layout.CONFIG_FILE: config_text, **dict(labels.values())}
@@ -126,27 +105,34 @@ def convert(
 
 
 def _write_model(repository: Path, name: str, model_files: dict[str, str], fill) -> Path:
-    """Publish a version filled by ``fill(folder)`` and the model's top-level files, in an order a
-    polling Triton can follow: for a new model the config first (Triton sees a model without
-    versions, not a version without config); for an existing one the version first, then the config."""
-    new_model = not (repo_layout.model_dir(repository, name) / repo_layout.CONFIG_FILE).exists()
-    if new_model:
-        repo_layout.write_model_files(repository, name, model_files)
-    try:
-        with repo_layout.staged_version(repository, name) as staged:
-            fill(staged.path)
-    except BaseException:
-        if new_model:  # a failed plan build leaves no half-made model behind
-            shutil.rmtree(repo_layout.model_dir(repository, name), ignore_errors=True)
-        raise
-    if not new_model:
-        repo_layout.write_model_files(repository, name, model_files)
+    """Publish a version filled by ``fill(folder)`` and the model's top-level files so that the
+    repository loads at every instant: a new model is assembled out of the servers' sight and appears
+    with one rename; an existing one gets the version first (its tensors match the config in place),
+    then its label files and config. A failed ``fill`` (a plan build) publishes nothing."""
+    repo_layout.clean_leftovers(repository)
+    if _is_new_model(repository, name):
+        with repo_layout.staged_model(repository, name) as staged:
+            repo_layout.write_files(staged.path, model_files)
+            (staged.path / "1").mkdir()
+            fill(staged.path / "1")
+        return staged.final / "1"
+    with repo_layout.staged_version(repository, name) as staged:
+        fill(staged.path)
+    repo_layout.write_model_files(repository, name, model_files)
     return staged.final
+
+
+def _is_new_model(repository: Path, name: str) -> bool:
+    folder = repo_layout.model_dir(repository, name)
+    return not folder.exists() or (not (folder / repo_layout.CONFIG_FILE).exists() and not any(folder.iterdir()))
 
 
 def _stage_onnx(folder: Path, export: ExportedModel, *_unused) -> None:
     shutil.copy2(export.onnx_path, folder / ONNX_FILE)
+    repo_layout.step("onnx-copied")
     shutil.copy2(export.directory / MANIFEST_FILE, folder / repo_layout.MANIFEST_FILE)
+    if sha256_file(folder / ONNX_FILE) != export.onnx_sha256:
+        raise ConvertError(f"{export.onnx_path} changed while it was being copied; run the conversion again")
 
 
 def _stage_python(folder: Path, export: ExportedModel, *_unused) -> None:
@@ -184,18 +170,32 @@ def _check_arguments(repository: Path, options: ServingOptions, keep: int | None
             raise ConvertError(f"--plan {plan} does not exist; build it first (see deploy/engine-builder)")
 
 
-def _check_existing_model(repository: Path, name: str, options: ServingOptions) -> None:
-    """Refuse to add a version in another format: one config serves all versions of a model."""
-    path = repo_layout.model_dir(repository, name) / repo_layout.CONFIG_FILE
+def _check_existing_model(repository: Path, name: str, options: ServingOptions, export: ExportedModel) -> None:
+    """Refuse to add a version in another format or with other tensors: one config serves all
+    versions of a model, and the config in place serves the new version until it is rewritten."""
+    folder = repo_layout.model_dir(repository, name)
+    path = folder / repo_layout.CONFIG_FILE
     if not path.is_file():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise ConvertError(f"{folder} exists without a {path.name}, so it is no model this tool wrote: "
+                               f"delete it, or convert under another --name")
         return
-    existing = parse_config(path.read_text())
+    try:
+        existing = parse_config(path.read_text())
+        existing_spec = config_io_spec(existing)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConvertError(f"{path} cannot be read as a Triton config ({exc}); delete {folder} to replace "
+                           f"the model, or convert under another --name") from None
     fmt = options.model_format
+    fix = f"convert under another --name, or delete {folder} to replace the model"
     if (existing.platform, existing.backend) != (fmt.platform, fmt.backend):
         served = existing.platform or f"the {existing.backend} backend"
+        raise ConvertError(f"model {name!r} in {repository} is served by {served}, not "
+                           f"{fmt.platform or fmt.backend}: {fix}")
+    if existing_spec != export.spec:
         raise ConvertError(
-            f"model {name!r} in {repository} is served by {served}, not {fmt.platform or fmt.backend}: "
-            f"convert under another --name, or delete {path.parent} to replace it"
+            f"the export's tensors {export.spec.to_dict()} differ from those of model {name!r} ({path}: "
+            f"{existing_spec.to_dict()}); Triton would load one version with the other's config: {fix}"
         )
 
 
@@ -231,9 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def pause_at(steps: str) -> None:
+    """Install the test hook: at each named step, say so on stderr and wait to be killed."""
+    wanted = {s.strip() for s in steps.split(",") if s.strip()}
+
+    def hook(step: str) -> None:
+        if step in wanted:
+            print(f"paused at {step}", file=sys.stderr, flush=True)
+            while True:
+                signal.pause()
+
+    repo_layout.on_step(hook)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if os.environ.get(PAUSE_ENV):
+        pause_at(os.environ[PAUSE_ENV])
     try:
         options = ServingOptions(format=args.format, max_batch=args.max_batch, instances=args.instances,
                                  device=args.device, queue_delay_us=args.queue_delay_us,

@@ -258,10 +258,16 @@ def test_run_without_export(exported_run, tmp_path, capsys):
 
 
 def test_export_that_disagrees_with_its_manifest(exported_run, exported_faces_run, tmp_path, capsys):
-    """A manifest from another model: the graph check refuses before anything is written."""
+    """A manifest from another model: its digest refuses the graph; without a digest (an older
+    export) the tensor spec check does, before anything is written."""
     run = tmp_path / "run"
     shutil.copytree(exported_run, run)
     shutil.copy2(exported_faces_run / "manifest.json", run / "manifest.json")
+    assert run_cli(run, "--repository", tmp_path / "repo", "--name", "m") == 2
+    assert "is not the graph" in capsys.readouterr().err
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["onnx_sha256"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
     assert run_cli(run, "--repository", tmp_path / "repo", "--name", "m") == 2
     assert "does not match the tensor spec" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()

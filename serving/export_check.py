@@ -1,0 +1,157 @@
+"""A run's export as serving reads it, checked at the boundary before anything is written.
+
+`load_export(run_dir)` reads ``manifest.json`` and ``model.onnx`` and raises `ConvertError` (or the
+manifest reader's `ManifestError`) naming the file, the field and what was expected when either is
+damaged: unreadable or truncated JSON, a missing key, a wrong type (``tasks`` not a list,
+``channels`` as a string, …), a task kind the gateway does not know, tasks whose outputs or
+channels the tensor spec contradicts, label lists of the wrong length, an ONNX file that does not
+parse or does not pass ``onnx.checker``, a graph whose inputs and outputs differ from the tensor spec.
+
+The manifest's ``onnx_sha256`` (hex SHA-256 of ``model.onnx``, written by ``training.export``) ties
+the graph to the manifest that describes it: a ``model.onnx`` replaced after the export (a failed
+re-export, a copy from another run) is refused even when its tensor names and shapes agree. A
+manifest without the field (exported by an older parsimony) is still accepted, with a warning, since
+the tensor spec check still applies; re-exporting the run records the digest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving import repository as repo_layout
+from serving.server.metadata import TASK_KINDS
+from training.artifacts import MANIFEST_FILE, ONNX_FILE
+from training.export.manifest import load_manifest, manifest_io_spec, sha256_file
+from training.export.spec import INPUT_NAME, ModelIOSpec
+
+log = logging.getLogger("serving")
+DIGEST_FIELD = "onnx_sha256"
+LABELLED_KINDS = {"segmentation": "class_names", "attributes": "attribute_names"}
+_REEXPORT = "re-export the run with `python -m training.export RUN_DIR`"
+
+
+class ConvertError(ValueError):
+    """The run, the repository or the options cannot be converted; the message says the fix."""
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """A checked export: the ONNX graph matches the tensor spec (and digest) its manifest records."""
+
+    directory: Path
+    onnx_path: Path
+    manifest: dict
+    spec: ModelIOSpec
+    onnx_sha256: str  # of the file as checked; a copy must hash the same
+
+
+def load_export(run_dir: Path) -> ExportedModel:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConvertError(f"run directory {run_dir} does not exist; pass a training.run output folder")
+    missing = [f for f in (ONNX_FILE, MANIFEST_FILE) if not (run_dir / f).is_file()]
+    if missing:
+        raise ConvertError(
+            f"{run_dir} has no export ({' and '.join(missing)} missing); run `python -m training.export "
+            f"{run_dir}` first (training.run does it at the end unless --no-export)"
+        )
+    manifest_path, onnx_path = run_dir / MANIFEST_FILE, run_dir / ONNX_FILE
+    manifest = load_manifest(manifest_path)  # refuses missing keys and wrong types, naming the field
+    if type(manifest["format_version"]) is not int:  # load_manifest compares with ==, and True == 1
+        raise ConvertError(f"{manifest_path}: field 'format_version': expected an integer, got "
+                           f"{manifest['format_version']!r}; {_REEXPORT}")
+    spec = _check_spec(manifest, manifest_path)
+    _check_tasks(manifest["tasks"], spec, manifest_path)
+    digest = _check_digest(onnx_path, manifest.get(DIGEST_FIELD), manifest_path)
+    _check_graph(onnx_path, spec, manifest_path)
+    return ExportedModel(run_dir, onnx_path, manifest, spec, digest)
+
+
+def label_files(manifest: dict) -> dict[str, tuple[str, str]]:
+    """``{output: (file name, text)}``: class names of segmentation tasks, names of attributes."""
+    files = {}
+    for task in manifest["tasks"]:
+        names = task.get("class_names") or task.get("attribute_names")
+        if names:
+            files[task["output"]] = (repo_layout.label_file(task["output"]), "".join(f"{n}\n" for n in names))
+    return files
+
+
+def _check_spec(manifest: dict, path: Path) -> ModelIOSpec:
+    try:
+        spec = manifest_io_spec(manifest)
+    except ValueError as exc:
+        raise ConvertError(f"{path}: field 'io_spec' is not a valid tensor spec ({exc}); {_REEXPORT}") from None
+    image = spec.inputs[0]
+    if spec.input_names != (INPUT_NAME,) or len(image.shape) != 4 or min(image.shape[1:]) < 1:
+        raise ConvertError(
+            f"{path}: field 'io_spec.inputs' must hold one tensor {INPUT_NAME!r} of shape [-1, C, H, W] with "
+            f"positive C, H, W, got {[t.to_dict() for t in spec.inputs]}; {_REEXPORT}"
+        )
+    return spec
+
+
+def _check_tasks(tasks: list[dict], spec: ModelIOSpec, path: Path) -> None:
+    """What serving needs beyond the manifest's types: known kinds, one task per output, channels
+    and label names that agree with the output's shape."""
+    outputs = {t.name: t for t in spec.outputs}
+    seen = set()
+    for i, task in enumerate(tasks):
+        where = f"{path}: field 'tasks.{i}"
+        if task["kind"] not in TASK_KINDS:
+            raise ConvertError(f"{where}.kind': {task['kind']!r:.40} is none of {list(TASK_KINDS)}; {_REEXPORT}")
+        output = task["output"]
+        if output not in outputs or output in seen:
+            raise ConvertError(
+                f"{where}.output': {output!r} must be one of the outputs {list(outputs)} of io_spec, once; "
+                f"{_REEXPORT}"
+            )
+        seen.add(output)
+        shape, channels = outputs[output].shape, task["channels"]
+        if len(shape) < 2 or shape[1] != channels:
+            raise ConvertError(f"{where}.channels': {channels}, but io_spec gives output {output!r} the shape "
+                               f"{list(shape)}; {_REEXPORT}")
+        names_field = LABELLED_KINDS.get(task["kind"])
+        names = task.get(names_field) if names_field else None
+        if names_field and (not isinstance(names, list) or len(names) != channels):
+            raise ConvertError(f"{where}.{names_field}': a {task['kind']} task needs a list of {channels} names "
+                               f"(one per channel), got {names!r:.80}; {_REEXPORT}")
+    if set(outputs) - seen:
+        raise ConvertError(f"{path}: field 'tasks': no task describes the outputs {sorted(set(outputs) - seen)} of "
+                           f"io_spec (one task per output); {_REEXPORT}")
+
+
+def _check_digest(onnx_path: Path, expected: str | None, manifest_path: Path) -> str:
+    try:
+        actual = sha256_file(onnx_path)
+    except OSError as exc:
+        raise ConvertError(f"{onnx_path} cannot be read ({exc}); check the file's permissions") from None
+    if expected is None:
+        log.warning("%s has no %s (an export by an older parsimony): %s is checked against the tensor spec only; "
+                    "re-export the run to record the digest", manifest_path, DIGEST_FIELD, onnx_path.name)
+    elif actual != expected:
+        raise ConvertError(
+            f"{onnx_path} is not the graph {manifest_path} describes: field '{DIGEST_FIELD}' records SHA-256 "
+            f"{expected[:16]}…, the file hashes to {actual[:16]}… (replaced or damaged after the export); "
+            f"{_REEXPORT}"
+        )
+    return actual
+
+
+def _check_graph(onnx_path: Path, spec: ModelIOSpec, manifest_path: Path) -> None:
+    import onnx  # here: importing it costs a second, and only this check needs it
+
+    try:
+        model = onnx.load(str(onnx_path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse a user's file is the same answer
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConvertError(f"{onnx_path} is not a valid ONNX model ({reason}); {_REEXPORT}") from None
+    try:
+        spec.check_against_onnx(model)
+    except ValueError as exc:
+        differences = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ConvertError(f"{onnx_path} does not match the tensor spec in {manifest_path} (field 'io_spec'): "
+                           f"{differences}; {_REEXPORT}") from None
