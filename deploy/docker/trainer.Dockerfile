@@ -5,7 +5,10 @@
 #
 # PyTorch's default CUDA wheels carry their own CUDA, cuDNN and NCCL libraries, so a slim base is
 # enough: the node's driver is mounted by the NVIDIA container toolkit. The torch pin follows the
-# Makefile's TORCH_SPEC. Runs as uid 10001; runs and checkpoints go to a mounted volume (/runs),
+# Makefile's TORCH_SPEC; its default wheel is built for CUDA 13.0 and needs an NVIDIA driver of the
+# 580 series or newer on the node. With an older driver `--device cuda` stops with torch's reason
+# and `--device auto` trains on the CPU, logging why; pick a wheel for an older CUDA
+# (--build-arg TORCH_SPEC=... with PyTorch's matching index) for such nodes. Runs as uid 10001; runs and checkpoints go to a mounted volume (/runs),
 # scratch files to /tmp.
 ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
 
