@@ -35,6 +35,7 @@ from deploy_support import (
 from serving.convert import build_parser as convert_parser
 from serving.server.__main__ import build_parser as gateway_parser
 from serving.server.__main__ import config_from_args
+from serving.triton_config import ServingOptions
 
 # grpc probes are GA from 1.27; autoscaling/v2 and policy/v1 are older
 KUBERNETES_VERSIONS = ("1.27.0", "1.37.0")
@@ -370,11 +371,12 @@ def test_engine_builder_builds_into_the_serving_stacks_volume():
     claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
     assert job["metadata"]["namespace"] == SERVING_NAMESPACE and claims == {"model-repository"}
     build = container(job, "build-plan")
-    env = {e["name"]: e["value"] for e in build["env"]}
-    command = container(job, "install-plan")["command"]
-    assert command[command.index("--max-batch") + 1] == env["MAX_BATCH"]
+    assert "MAX_BATCH" not in {e["name"] for e in build["env"]}  # the source model's max_batch_size
+    command = " ".join(container(job, "install-plan")["command"])
+    assert '--max-batch "$(cat /work/max_batch)"' in command  # what the build step built the plan for
     config, _, _ = gateway_config(render(OVERLAYS["gpu"]))
-    assert int(env["MAX_BATCH"]) >= config.max_batch, "the plan's profile must cover the gateway's batches"
+    assert ServingOptions().max_batch >= config.max_batch, \
+        "models converted with the default batch (and the plans built from them) must take the gateway's batches"
 
 
 # --- the optional TLS component -------------------------------------------------------------------
