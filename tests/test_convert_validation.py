@@ -129,7 +129,7 @@ def damaged_bytes(data: bytes, draw) -> bytes:
     return data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1:]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(data=st.data(), existing=st.booleans())
 def test_damaged_export_is_refused_and_nothing_is_written(base, data, existing):
@@ -168,7 +168,7 @@ def json_still_valid(path: Path) -> bool:
     return True
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_damaged_onnx_of_an_older_export_never_crashes(base, data):
     """Without a digest (older exports) a changed byte may leave a valid graph of the same tensors,
