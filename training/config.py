@@ -80,6 +80,24 @@ class SparsityConfig(_Strict):
         default=0, ge=0,
         description="last epochs trained without the regulariser, zero groups held at zero (prune, then fine-tune)",
     )
+    target: str | None = Field(
+        default=None, description="zero_groups=F, macs=R or latency_ms=T: reach it in one run, λ adapted "
+        "by a controller (lam, if set, is the starting λ)")
+    target_batch: int = Field(default=8, ge=1, description="batch of a latency_ms target's ONNX Runtime timing")
+    target_threads: int | None = Field(default=None, ge=1, description="ONNX Runtime threads for latency_ms "
+                                       "(default: ONNX Runtime's)")
+    group_weight: Literal["size", "macs", "latency"] | None = Field(
+        default=None, description="group-lasso weight: size (sqrt|g|), macs or latency saved per weight; "
+        "default: the target's (macs for macs, latency for latency_ms), else size")
+
+    @field_validator("target")
+    @classmethod
+    def _target_parses(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from training.sparsity.targets import parse_target
+
+        return str(parse_target(v))
 
 
 class RunConfig(_Strict):

@@ -21,6 +21,7 @@ from training.metrics import delta_mtl
 from training.models.complexity import count_macs, count_parameters
 from training.report import metrics_table
 from training.sparsity import format_report, plot_survival, sparsity_report
+from training.sparsity.build import describe_target, target_summary, write_target_check
 from training.trainer import Run, load_weights, loader, save
 
 log = logging.getLogger("training")
@@ -92,7 +93,8 @@ def final_evaluation(run: Run, progress: TrainProgress) -> dict:
 def _selected_checkpoint(run: Run) -> str:
     select = run.config.train.select
     if select == "auto":
-        select = "last" if run.config.sparsity.lam > 0 else "best"
+        sparsifying = run.config.sparsity.lam > 0 or run.config.sparsity.target is not None
+        select = "last" if sparsifying else "best"
     return select if (run.run_dir / BEST).exists() else "last"
 
 
@@ -103,6 +105,8 @@ def _write_sparsity(run: Run, finalized: int) -> dict:
     report.update({"lambda": s.lam, "reg_mode": s.mode, "warmup_epochs": s.warmup_epochs,
                    "cooldown_epochs": s.cooldown_epochs,
                    "finalized_groups": finalized})
+    if (target := target_summary(run.ctx.regularizer)) is not None:
+        report["target"] = target  # requested, achieved, λ trajectory (drawn in sparsity.png)
     atomic_write_json(run.run_dir / "sparsity.json", report)
     plot_survival(report, run.run_dir / "sparsity.png")
     return report
@@ -121,6 +125,9 @@ def package_run(run: Run) -> None:
     report, manifest = export_run(run.run_dir)
     print(describe_export(report, manifest))
     print(speed_table(run, result.directory, report.path))
+    if (target := target_summary(run.ctx.regularizer)) is not None:
+        print(describe_target(write_target_check(run.run_dir, target, run.model, report.path, run.info.image_size,
+                                                 run.config.sparsity)))
 
 
 def speed_table(run: Run, compact_dir: Path, compact_onnx: Path, batch: int = 8) -> str:

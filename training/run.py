@@ -51,7 +51,8 @@ FLAG_KEYS = {
     "patience": "train.early_stopping_patience", "checkpoint_every": "train.checkpoint_every",
     "optimizer": "optim.name", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
     "schedule": "optim.schedule", "lam": "sparsity.lam", "sparsity_mode": "sparsity.mode",
-    "groups": "sparsity.groups", "sparsity_warmup": "sparsity.warmup_epochs", "sparsity_cooldown": "sparsity.cooldown_epochs", "baseline": "baseline", "seed": "seed", "deterministic": "deterministic",
+    "groups": "sparsity.groups", "sparsity_warmup": "sparsity.warmup_epochs", "sparsity_cooldown": "sparsity.cooldown_epochs", "target": "sparsity.target", "target_batch": "sparsity.target_batch",
+    "target_threads": "sparsity.target_threads", "group_weight": "sparsity.group_weight", "baseline": "baseline", "seed": "seed", "deterministic": "deterministic",
     "device": "device", "amp": "amp", "out": "out", "export": "train.export",
 }
 RESUME_FLAGS = {"epochs", "device", "num_workers", "export"}
@@ -96,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsity-warmup", type=int, metavar="EPOCHS", help="dense epochs before sparsifying")
     s.add_argument("--sparsity-cooldown", type=int, metavar="EPOCHS",
                    help="last epochs without the regulariser, zero groups held at zero (prune, then fine-tune)")
+    s.add_argument("--target", metavar="KIND=VALUE",
+                   help="reach zero_groups=F (fraction of zero groups), macs=R (dense/compact MACs) or latency_ms=T "
+                        "(compact ONNX Runtime latency) in one run: λ is adapted during training")
+    s.add_argument("--target-batch", type=int, metavar="N", help="batch of the latency_ms timing (default 8)")
+    s.add_argument("--target-threads", type=int, metavar="N", help="ONNX Runtime threads of the latency_ms timing")
+    s.add_argument("--group-weight", choices=["size", "macs", "latency"],
+                   help="group-lasso weight: size (sqrt|g|) or the MACs / latency a channel costs per weight "
+                        "(default: the target's)")
     g.add_argument("--baseline", nargs="+", metavar="PATH",
                    help="single-task runs (or their metrics.json) to compute ΔMTL against")
     g.add_argument("--seed", type=int)
@@ -151,6 +160,7 @@ def _finetune_config(args: argparse.Namespace, overrides: dict) -> RunConfig:
     overrides.setdefault("out", str(source / "finetune"))
     set_dotted(overrides, "model.init_from", str(source / COMPACT_DIR))
     set_dotted(overrides, "sparsity.lam", 0.0)
+    set_dotted(overrides, "sparsity.target", None)
     base = load_yaml(args.config) if args.config else load_yaml(source / "config.yaml")
     return resolve_config(base, overrides)
 

@@ -4,6 +4,12 @@
     python -m training.sweep --config configs/sweep-scenes.yaml --out runs/sweep-scenes \\
         --lambdas 1e-3 1e-2 1e-1 --seeds 0 1 2 --tasks segmentation,depth
     python -m training.sweep --config base.yaml --dataset nyuv2 --data-root data/nyuv2 --out runs/sweep-nyu
+    python -m training.sweep --config configs/sweep-scenes.yaml --out runs/targets \
+        --targets zero_groups=0.6 macs=3 macs=3:size --seeds 0 1 2
+
+--targets replaces the λ grid by sparsity targets, one run each (`training.run --target`); a
+``:WEIGHT`` suffix picks the group weight (size, macs or latency) instead of the target's own.
+The report then also lists, per target, what was requested against what each seed achieved.
 
 Per seed it trains (each with `training.run`, in this process, into SWEEP_DIR/runs/<name>):
 the dense single-task model of every task (the ΔMTL baselines), the dense multi-task model and
@@ -46,6 +52,7 @@ log = logging.getLogger("training.sweep")
 METRICS_FILE = "metrics.json"
 SPARSITY_FILE = "sparsity.json"
 RUN_LOG = "train.log"
+TARGET_FILE = "target.json"
 #: With Adam(W) an update moves a group by at most about lr·sqrt(|g|) per step, the same scale as the
 #: proximal threshold lr·λ·sqrt(|g|): λ ≳ 1 zeroes every group whatever the learning rate, and on
 #: configs/sweep-scenes.yaml zeros appear near 0.1 (8 %) and everything is zero by 0.3.
@@ -68,14 +75,22 @@ class RunSpec:
     tasks: tuple[str, ...]
     lam: float
     seed: int
+    target: str = ""  # "KIND=VALUE[:WEIGHT]" instead of λ
 
     @property
     def name(self) -> str:
         what = self.tasks[0] if self.kind == "single" else "mtl"
-        return f"{self.kind}-{what}-lam{format_lambda(self.lam)}-seed{self.seed}"
+        how = f"target-{self.target.replace('=', '').replace(':', '-')}" if self.target else \
+            f"lam{format_lambda(self.lam)}"
+        return f"{self.kind}-{what}-{how}-seed{self.seed}"
+
+    def sparsity(self) -> dict:
+        """The sparsity keys this run sets."""
+        target, _, weight = self.target.partition(":")
+        return {"lam": self.lam, "target": target or None, "group_weight": weight or None}
 
     def overrides(self, run_dir: Path) -> dict:
-        return {"tasks": list(self.tasks), "seed": self.seed, "sparsity": {"lam": self.lam}, "out": str(run_dir)}
+        return {"tasks": list(self.tasks), "seed": self.seed, "sparsity": self.sparsity(), "out": str(run_dir)}
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,8 @@ class Sweep:
     lambdas: tuple[float, ...]  # positive, ascending
     seeds: tuple[int, ...]
     single_task_grid: bool
+    targets: tuple[str, ...] = ()  # "KIND=VALUE[:WEIGHT]", in the order given
+    baselines: bool = True  # the dense single-task runs (ΔMTL vs ST)
 
     @property
     def runs_dir(self) -> Path:
@@ -101,8 +118,10 @@ class Sweep:
         single-task grid, so an interrupted sweep holds complete seeds first."""
         specs = []
         for seed in self.seeds:
-            specs += [RunSpec("single", (t,), 0.0, seed) for t in self.tasks]
+            if self.baselines:
+                specs += [RunSpec("single", (t,), 0.0, seed) for t in self.tasks]
             specs += [RunSpec("multi", self.tasks, lam, seed) for lam in (0.0, *self.lambdas)]
+            specs += [RunSpec("multi", self.tasks, 0.0, seed, target) for target in self.targets]
             if self.single_task_grid:
                 specs += [RunSpec("single", (t,), lam, seed) for t in self.tasks for lam in self.lambdas]
         return specs
@@ -119,9 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="base YAML configuration of every run (as for training.run)")
     p.add_argument("--out", required=True, metavar="SWEEP_DIR", help="sweep directory (runs, results, plots)")
-    p.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS), metavar="λ",
+    p.add_argument("--lambdas", type=float, nargs="+", metavar="λ",
                    help=f"group-lasso strengths of the grid; 0 (dense) is always added "
-                        f"(default {' '.join(map(format_lambda, DEFAULT_LAMBDAS))})")
+                        f"(default {' '.join(map(format_lambda, DEFAULT_LAMBDAS))} unless --targets is given)")
+    p.add_argument("--targets", nargs="+", default=[], metavar="KIND=VALUE[:WEIGHT]",
+                   help="sparsity targets instead of λ values, e.g. zero_groups=0.6 macs=3 macs=3:size "
+                        "latency_ms=5 (WEIGHT: size, macs or latency; default the target's)")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the dense single-task baselines (ΔMTL vs ST; default on)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
     p.add_argument("--tasks", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
                    help="comma-separated tasks of the multi-task model (default: the config's, else all)")
@@ -147,12 +171,31 @@ def resolve_sweep(args: argparse.Namespace) -> Sweep:
     if len(tasks) < 2:
         raise SweepError(f"a sweep compares a multi-task model with single-task ones: give at least two tasks "
                          f"(got {list(tasks)})")
-    bad = [x for x in args.lambdas if not math.isfinite(x) or x < 0]
+    lambdas = args.lambdas if args.lambdas is not None else ([] if args.targets else list(DEFAULT_LAMBDAS))
+    bad = [x for x in lambdas if not math.isfinite(x) or x < 0]
     if bad:
         raise SweepError(f"--lambdas must be finite and >= 0, got {bad}")
     return Sweep(out=Path(args.out), base=base.model_dump(mode="json"), tasks=tasks,
-                 lambdas=tuple(sorted({x for x in args.lambdas if x > 0})), seeds=tuple(dict.fromkeys(args.seeds)),
-                 single_task_grid=args.single_task_grid)
+                 lambdas=tuple(sorted({x for x in lambdas if x > 0})), seeds=tuple(dict.fromkeys(args.seeds)),
+                 single_task_grid=args.single_task_grid, targets=parse_targets(args.targets),
+                 baselines=args.baselines)
+
+
+def parse_targets(items: list[str]) -> tuple[str, ...]:
+    """Normalised ``KIND=VALUE[:WEIGHT]`` items; a bad target or weight raises with the valid forms."""
+    from training.sparsity.targets import GROUP_WEIGHTS, TargetError, parse_target
+
+    out = []
+    for item in items:
+        text, _, weight = item.partition(":")
+        try:
+            target = str(parse_target(text))
+        except TargetError as exc:
+            raise SweepError(f"--targets {item}: {exc}") from None
+        if weight and weight not in GROUP_WEIGHTS:
+            raise SweepError(f"--targets {item}: unknown group weight {weight!r}; choose one of {GROUP_WEIGHTS}")
+        out.append(f"{target}:{weight}" if weight else target)
+    return tuple(dict.fromkeys(out))
 
 
 def dataset_tasks(cfg: RunConfig) -> tuple[str, ...]:
@@ -199,7 +242,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def print_plan(sweep: Sweep, plan: list[tuple[RunSpec, str]]) -> None:
     counts = {a: sum(1 for _, b in plan if b == a) for a in ("start", "resume", "done")}
     print(f"sweep {sweep.out}: tasks {', '.join(sweep.tasks)}; λ grid 0 (dense), "
-          f"{', '.join(map(format_lambda, sweep.lambdas)) or '(none)'}; seeds {', '.join(map(str, sweep.seeds))}")
+          f"{', '.join(map(format_lambda, sweep.lambdas)) or '(none)'}; targets {', '.join(sweep.targets) or '(none)'}; "
+          f"seeds {', '.join(map(str, sweep.seeds))}")
     print(f"{len(plan)} runs: {counts['start']} to start, {counts['resume']} to resume, "
           f"{counts['done']} complete (skipped)")
     for spec, action in plan:
@@ -216,6 +260,9 @@ def execute(sweep: Sweep, spec: RunSpec, action: str) -> bool:
         config_path = sweep.out / "sweep-config.yaml"
         argv = ["--config", str(config_path), "--tasks", ",".join(spec.tasks), "--seed", str(spec.seed),
                 "--set", f"sparsity.lam={_yaml_float(spec.lam)}", "--out", str(run_dir)]
+        target, weight = spec.sparsity()["target"], spec.sparsity()["group_weight"]
+        argv += ["--target", target] if target else []
+        argv += ["--group-weight", weight] if weight else []
     with _isolated_run(run_dir):
         log.info("python -m training.run %s", " ".join(argv))
         try:
@@ -261,9 +308,9 @@ def configure_logging() -> None:
 def collect(sweep: Sweep, specs: list[RunSpec]) -> tuple[list[dict], dict[str, TaskSpec]]:
     """One flat row per complete run (metrics, sparsity, ΔMTL) and the task specs by name."""
     results = {s: _read_run(sweep.run_dir(s)) for s in specs if (sweep.run_dir(s) / METRICS_FILE).is_file()}
-    task_specs = {d["name"]: TaskSpec.from_dict(d) for m, _ in results.values() for d in m["task_specs"]}
+    task_specs = {d["name"]: TaskSpec.from_dict(d) for m, *_ in results.values() for d in m["task_specs"]}
     rows = []
-    for spec, (metrics, sparsity) in results.items():
+    for spec, (metrics, sparsity, extra) in results.items():
         single = {}
         for t in spec.tasks:
             base = results.get(RunSpec("single", (t,), 0.0, spec.seed))
@@ -271,22 +318,43 @@ def collect(sweep: Sweep, specs: list[RunSpec]) -> tuple[list[dict], dict[str, T
                 single[t] = base[0]["tasks"][t]
         dense = results.get(RunSpec(spec.kind, spec.tasks, 0.0, spec.seed))
         tasks = [task_specs[t] for t in spec.tasks]
-        row = _base_row(spec, metrics, sparsity)
+        row = _base_row(spec, metrics, sparsity) | extra
         row["delta_vs_single"] = _delta(metrics["tasks"], single, tasks)
         row["delta_vs_dense"] = _delta(metrics["tasks"], dense[0]["tasks"] if dense else {}, tasks)
         rows.append(row | _flat_metrics(metrics))
     return rows, task_specs
 
 
-def _read_run(run_dir: Path) -> tuple[dict, dict | None]:
+def _read_run(run_dir: Path) -> tuple[dict, dict | None, dict]:
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     path = run_dir / SPARSITY_FILE
-    return metrics, (json.loads(path.read_text()) if path.is_file() else None)
+    sparsity = json.loads(path.read_text()) if path.is_file() else None
+    return metrics, sparsity, _target_columns(run_dir, sparsity)
+
+
+def _target_columns(run_dir: Path, sparsity: dict | None) -> dict:
+    """A target run's outcome (sparsity.json, target.json) and every run's wall time in minutes
+    (from its config.yaml to its last file)."""
+    done = [p.stat().st_mtime for p in run_dir.iterdir() if p.is_file() and p.name != RUN_LOG]
+    start = (run_dir / "config.yaml").stat().st_mtime if (run_dir / "config.yaml").is_file() else math.nan
+    row = {"wall_min": (max(done) - start) / 60 if done else math.nan}
+    target = (sparsity or {}).get("target")
+    if not target:
+        return row
+    row.update({"requested": target["requested"], "achieved": target["achieved"], "reached": target["reached"],
+                "final_lambda": target["final_lambda"], "frozen_at_step": target.get("frozen_at_step")})
+    path = run_dir / TARGET_FILE
+    if path.is_file():
+        check = json.loads(path.read_text())
+        row.update({f"ort_{k}": check["ort"][k] for k in ("batch", "dense_ms", "compact_ms", "speedup")})
+        if "measured_ms" in check:
+            row.update({"predicted_ms": check["predicted_ms"], "measured_ms": check["measured_ms"]})
+    return row
 
 
 def _base_row(spec: RunSpec, metrics: dict, sparsity: dict | None) -> dict:
     row = {"run": spec.name, "kind": spec.kind, "tasks": "+".join(spec.tasks), "lambda": spec.lam,
-           "seed": spec.seed, "has_sparsity": sparsity is not None, "delta_vs_single": math.nan,
+           "target": spec.target, "seed": spec.seed, "has_sparsity": sparsity is not None, "delta_vs_single": math.nan,
            "delta_vs_dense": math.nan, "checkpoint": metrics.get("checkpoint"), "best_epoch": metrics.get("best_epoch"),
            "epochs_trained": metrics.get("epochs_trained"), "test_loss": metrics.get("test_loss"),
            "image_size": "x".join(map(str, metrics.get("image_size", []))),
@@ -362,6 +430,7 @@ def _report_meta(sweep: Sweep, plan: list[tuple[RunSpec, str]], failed: list[str
     return {"dataset": sweep.base["dataset"]["name"], "encoder": sweep.base["model"]["encoder"],
             "image_size": sweep.base["dataset"]["image_size"], "tasks": list(sweep.tasks),
             "seeds": list(sweep.seeds), "lambdas": [format_lambda(x) for x in sweep.lambdas],
+            "targets": list(sweep.targets),
             "incomplete": missing, "failed": failed}
 
 

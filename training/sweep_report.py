@@ -28,6 +28,9 @@ COLLAPSE_DELTA = -10.0
 ACCEPT_ZERO_GROUPS = 60.0
 ACCEPT_DELTA = -1.0
 PLOTS = {"metric": "metric-vs-lambda.png", "zeros": "zero-groups-vs-lambda.png", "delta": "delta-vs-macs.png"}
+#: A target counts as met when the achieved value is this close: absolute for zero_groups (2
+#: percentage points), relative for macs (5 %) and for latency_ms (10 %, the exported model timed).
+TARGET_TOLERANCE = {"zero_groups": (0.02, "abs"), "macs": (0.05, "rel"), "latency_ms": (0.10, "rel")}
 
 
 def format_lambda(lam: float) -> str:
@@ -41,12 +44,14 @@ def format_lambda(lam: float) -> str:
 
 @dataclass
 class Setting:
-    """The runs of one (kind, tasks, λ) over seeds."""
+    """The runs of one (kind, tasks, λ) or (kind, tasks, target) over seeds; a target setting's
+    ``lam`` is the mean λ its controller ended with (where it sits on the λ axis)."""
 
     kind: str
     tasks: tuple[str, ...]
     lam: float
     rows: list[dict] = field(default_factory=list)
+    target: str = ""
 
     def stat(self, column: str) -> tuple[float, float]:
         """Mean and sample std over seeds of the finite values (std NaN for a single value)."""
@@ -71,8 +76,12 @@ def group_settings(rows: Sequence[dict], task_order: Sequence[str] = ()) -> list
     """Settings ordered single-task first (in ``task_order``), then multi-task, each by λ."""
     by_key: dict[tuple, Setting] = {}
     for row in rows:
-        key = (row["kind"], tuple(row["tasks"].split("+")), float(row["lambda"]))
-        by_key.setdefault(key, Setting(*key)).rows.append(row)
+        target = row.get("target") or ""
+        key = (row["kind"], tuple(row["tasks"].split("+")), 0.0 if target else float(row["lambda"]))
+        by_key.setdefault((*key, target), Setting(*key, target=target)).rows.append(row)
+    for setting in by_key.values():
+        if setting.target:
+            setting.lam = setting.mean("final_lambda")
     rank = {t: i for i, t in enumerate(task_order)}
     return sorted(by_key.values(),
                   key=lambda s: (s.kind != "single", [rank.get(t, len(rank)) for t in s.tasks], s.tasks, s.lam))
@@ -146,6 +155,7 @@ def to_markdown(settings: Sequence[Setting], tasks: Sequence[TaskSpec], meta: di
         "e.g. an F1 of 0).",
         "",
     ]
+    lines += _targets(settings)
     lines += _table(settings, tasks)
     lines += ["", *_verdicts(settings, tasks, meta)]
     lines += ["", "Plots: " + ", ".join(f"[{name}]({name})" for name in PLOTS.values())]
@@ -160,13 +170,52 @@ def _table(settings: Sequence[Setting], tasks: Sequence[TaskSpec]) -> list[str]:
               "ΔMTL vs ST (%)", "ΔMTL vs dense (%)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in settings:
-        cells = [s.kind, "+".join(s.tasks), "0 (dense)" if s.lam == 0 else format_lambda(s.lam), str(len(s.rows))]
+        cells = [s.kind, "+".join(s.tasks), _lambda_cell(s), str(len(s.rows))]
         cells += [_pm(s, f"{t.name}/{primary_metric(t.kind)}") if t.name in s.tasks else "" for t in tasks]
         cells += [_pm(s, "pct_zero_groups", digits=3), _pm(s, "pct_zero_weights", digits=3),
                   _pm(s, "compact_parameters", 1e6), _pm(s, "compact_macs", 1e6),
                   _pm(s, "delta_vs_single", digits=3, sign="+"), _pm(s, "delta_vs_dense", digits=3, sign="+")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _lambda_cell(s: Setting) -> str:
+    if s.target:
+        return f"{s.target} (final λ {format_lambda(s.lam)})" if math.isfinite(s.lam) else s.target
+    return "0 (dense)" if s.lam == 0 else format_lambda(s.lam)
+
+
+def target_met(kind: str, requested: float, achieved: float) -> bool:
+    tol, how = TARGET_TOLERANCE[kind]
+    return abs(achieved - requested) <= (tol if how == "abs" else tol * requested)
+
+
+def _targets(settings: Sequence[Setting]) -> list[str]:
+    """Requested against achieved per target setting, with what each costs and runs at."""
+    rows = [s for s in settings if s.target]
+    if not rows:
+        return []
+    lines = ["## Targets: requested against achieved", "",
+             "Achieved per seed (the controller's exact measure of the final model: zero-group fraction, or "
+             "dense ÷ compact MACs as compaction builds it; for latency_ms the exported model timed). Met: within "
+             + ", ".join(f"{'±' + format(t * 100, 'g') + (' pp' if h == 'abs' else ' %')} ({k})"
+                         for k, (t, h) in TARGET_TOLERANCE.items()) + " in every seed. ORT: ONNX Runtime latency of "
+             "the dense and the compact model timed side by side in the run's process.", "",
+             "| target | n | achieved per seed | met | % zero groups | MAC ratio | ORT speed-up | ΔMTL vs dense (%) "
+             "| final λ | wall (min/run) |", "|" + "---|" * 10]
+    for s in rows:
+        kind = s.target.split("=")[0]
+        column = "measured_ms" if kind == "latency_ms" else "achieved"
+        values = [float(r[column]) for r in s.rows if _is_number(r.get(column))]
+        met = bool(values) and all(target_met(kind, float(s.rows[0]["requested"]), v) for v in values)
+        ratio = Setting("", (), 0.0, [{"r": r["dense_macs"] / r["compact_macs"]} for r in s.rows
+                                      if _is_number(r.get("compact_macs")) and r["compact_macs"]])
+        cells = [s.target, str(len(s.rows)), ", ".join(f"{v:.4g}" for v in values) or "—",
+                 "yes" if met else "NO", _pm(s, "pct_zero_groups", digits=3), _pm(ratio, "r", digits=3),
+                 _pm(s, "ort_speedup", digits=3), _pm(s, "delta_vs_dense", digits=3, sign="+"),
+                 _pm(s, "final_lambda", digits=3), _pm(s, "wall_min", digits=3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _verdicts(settings: Sequence[Setting], tasks: Sequence[TaskSpec], meta: dict) -> list[str]:

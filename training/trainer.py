@@ -33,7 +33,8 @@ from training.losses import MultiTaskLoss
 from training.models import create_model
 from training.models.pretrained import load_torchvision_resnet
 from training.report import log_epoch
-from training.sparsity import GroupLasso, GroupSet, build_groups, check_same_across_ranks, sparsity_report
+from training.sparsity import GroupSet, build_groups, check_same_across_ranks, sparsity_report
+from training.sparsity.build import build_regularizer
 from training.tasks import TaskSpec
 
 log = logging.getLogger("training")
@@ -204,7 +205,6 @@ def build_run(cfg: RunConfig, run_dir: Path, dist: DistInfo, device: torch.devic
     model = build_network(cfg, tasks).to(device)
     loss = MultiTaskLoss(tasks, cfg.train.task_weighting).to(device)
     groupset = build_groups(model, cfg.sparsity.groups)  # before DDP wraps the model
-    regularizer = GroupLasso.from_config(groupset, cfg.sparsity, cfg.train.epochs) if cfg.sparsity.lam > 0 else None
     step: nn.Module = TrainStep(model, loss)
     if dist.enabled:
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
@@ -212,6 +212,9 @@ def build_run(cfg: RunConfig, run_dir: Path, dist: DistInfo, device: torch.devic
                  torch.distributed.get_backend())
     sampler = EpochBatchSampler(len(datasets["train"]), cfg.train.batch_size, seed=cfg.seed,
                                 rank=dist.rank, world_size=dist.world_size)
+    regularizer = build_regularizer(groupset, cfg.sparsity, model=model, image_size=info.image_size,
+                                    epochs=cfg.train.epochs, steps_per_epoch=sampler.batches_per_epoch(),
+                                    run_dir=run_dir)
     optimizer = build_optimizer(cfg, model, loss)
     schedule = functools.partial(lr_factor, cfg=cfg, steps_per_epoch=sampler.batches_per_epoch())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -242,9 +245,12 @@ def train_loader(run: Run) -> DataLoader:
 # --- checkpoints ---------------------------------------------------------------------------------
 
 def _states(run: Run) -> dict:
-    return {"model": run.model.state_dict(), "loss": run.loss.state_dict(),
-            "optimizer": run.ctx.optimizer.state_dict(), "scheduler": run.ctx.scheduler.state_dict(),
-            "scaler": run.ctx.scaler.state_dict()}
+    states = {"model": run.model.state_dict(), "loss": run.loss.state_dict(),
+              "optimizer": run.ctx.optimizer.state_dict(), "scheduler": run.ctx.scheduler.state_dict(),
+              "scaler": run.ctx.scaler.state_dict()}
+    if hasattr(run.ctx.regularizer, "state_dict"):  # a sparsity target's controller: λ, frozen, trajectory
+        states["controller"] = run.ctx.regularizer.state_dict()
+    return states
 
 
 def save(run: Run, progress: TrainProgress, name: str = LAST) -> None:
@@ -261,6 +267,8 @@ def restore(run: Run, path: Path) -> TrainProgress:
     run.ctx.optimizer.load_state_dict(states["optimizer"])
     run.ctx.scheduler.load_state_dict(states["scheduler"])
     run.ctx.scaler.load_state_dict(states["scaler"])
+    if "controller" in states and hasattr(run.ctx.regularizer, "load_state_dict"):
+        run.ctx.regularizer.load_state_dict(states["controller"])
     return TrainProgress.from_dict(ckpt["progress"])
 
 
@@ -310,6 +318,8 @@ def _end_epoch(run: Run, progress: TrainProgress, epoch: int, train_losses: dict
     if run.dist.is_main:
         report = sparsity_report(run.model, run.groupset, run.info.image_size)
         record["sparsity"] = {k: report[k] for k in SPARSITY_SUMMARY}
+    if hasattr(run.ctx.regularizer, "epoch_record"):  # a sparsity target: λ, measured quantity, target
+        record["target"] = run.ctx.regularizer.epoch_record()
     if hasattr(run.loss, "log_vars") and run.config.train.task_weighting == "uncertainty":
         record["log_vars"] = dict(run.loss.log_vars)
     improved = val_loss < progress.best_val_loss

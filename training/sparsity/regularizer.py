@@ -1,4 +1,5 @@
-"""Group lasso on the encoder's channel groups: ``λ · Σ_g sqrt(|g|) · ‖W_g‖₂``.
+"""Group lasso on the encoder's channel groups: ``λ · Σ_g w_g · ‖W_g‖₂``, ``w_g = sqrt(|g|)`` (the
+paper's) unless other weights are given (`training.sparsity.cost.group_weights`).
 
 Two ways to apply it (``SparsityConfig.mode``):
 
@@ -50,6 +51,7 @@ class GroupLasso:
         warmup_epochs: int = 0,
         tolerance: float = 1e-6,
         cooldown_from: int | None = None,
+        weights: Tensor | None = None,
     ) -> None:
         if mode not in REG_MODES:
             raise ValueError(f"unknown sparsity mode {mode!r}; choose one of {REG_MODES}")
@@ -66,12 +68,17 @@ class GroupLasso:
                 f"or train for more epochs"
             )
         self.cooldown_from = cooldown_from
+        self.frozen = False  # set when a sparsity target is reached: zero groups held from then on
         self._keep: dict[str, Tensor] | None = None
         self._captured: CapturedUpdate | None = None
         self._index = groupset.index()
-        sizes = torch.tensor([groupset.group_size(n) for n in self._index.keys], dtype=torch.float64)
-        self._sqrt_sizes_cpu = sizes.sqrt().repeat_interleave(torch.tensor(self._index.widths))
-        self._sqrt_sizes: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        if weights is None:  # the paper's sqrt(|g|)
+            sizes = torch.tensor([groupset.group_size(n) for n in self._index.keys], dtype=torch.float64)
+            weights = sizes.sqrt().repeat_interleave(torch.tensor(self._index.widths))
+        if weights.shape != (self._index.total,):
+            raise ValueError(f"weights must hold one value per group ({self._index.total}), got {tuple(weights.shape)}")
+        self._weights_cpu = weights.detach().to("cpu", torch.float64)
+        self._weights_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     @classmethod
     def from_config(cls, groupset: GroupSet, config: Any, epochs: int | None = None) -> GroupLasso:
@@ -86,8 +93,8 @@ class GroupLasso:
         return self.lam > 0 and epoch >= self.warmup_epochs and not self.holding(epoch)
 
     def holding(self, epoch: int) -> bool:
-        """True in the cool-down: no regulariser, zero groups held at zero."""
-        return self.lam > 0 and self.cooldown_from is not None and epoch >= self.cooldown_from
+        """True in the cool-down (or once frozen): no regulariser, zero groups held at zero."""
+        return self.frozen or (self.lam > 0 and self.cooldown_from is not None and epoch >= self.cooldown_from)
 
     @torch.no_grad()
     def before_step(self, epoch: int) -> None:
@@ -127,9 +134,15 @@ class GroupLasso:
         sq = self._index.reduce_flat("sumsq")
         threshold = self._weights(sq) * (lr * self.lam)
         factor = (1 - threshold / sq.sqrt().clamp_min(torch.finfo(sq.dtype).tiny)).clamp_min_(0)
+        factor = self.limit_zeros(factor, sq, threshold)
         if stepped is not None:
             factor = torch.where(stepped.to(factor.device), factor, torch.ones_like(factor))
         self._index.scale_(self._index.split(factor))
+
+    def limit_zeros(self, factor: Tensor, sq: Tensor, threshold: Tensor) -> Tensor:
+        """Hook for a controller that caps which groups one step may zero (a factor of 0); by
+        default every group under its threshold is zeroed."""
+        return factor
 
     def loss_term(self, epoch: int) -> Tensor | None:
         """The penalty to add to the loss this epoch (penalty mode, after warm-up), else None."""
@@ -163,10 +176,11 @@ class GroupLasso:
         return zero_mask(self.groupset)
 
     def _weights(self, like: Tensor) -> Tensor:
+        """The group weights (``sqrt(|g|)`` unless others were given) on ``like``'s device and dtype."""
         key = (like.device, like.dtype)
-        if key not in self._sqrt_sizes:
-            self._sqrt_sizes[key] = self._sqrt_sizes_cpu.to(device=like.device, dtype=like.dtype)
-        return self._sqrt_sizes[key]
+        if key not in self._weights_on:
+            self._weights_on[key] = self._weights_cpu.to(device=like.device, dtype=like.dtype)
+        return self._weights_on[key]
 
 
 def _safe_sqrt(sq: Tensor) -> Tensor:

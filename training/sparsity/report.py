@@ -132,8 +132,31 @@ def _ratio(dense: int, compact: int) -> float:
     return dense / compact if compact else float("inf")
 
 
+def plot_target(ax, target: dict) -> None:
+    """λ (log scale, right axis) and the measured progress against the schedule, per control step."""
+    steps = [t["step"] for t in target["trajectory"]]
+    ax.plot(steps, [100 * t["progress"] for t in target["trajectory"]], "o-", ms=3, label="measured")
+    ax.plot(steps, [100 * t["schedule"] for t in target["trajectory"]], "--", color="0.4", label="schedule")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("progress towards the target (%)")
+    state = "reached" if target["reached"] else "NOT reached"
+    ax.set_title(f"target {target['target']}: {state}, achieved {target['achieved']:.4g}", fontsize=10)
+    if target.get("frozen_at_step") is not None:
+        ax.axvline(target["frozen_at_step"], color="C2", ls=":", label="zero set frozen")
+    ax.grid(alpha=0.3)
+    lam = ax.twinx()
+    lam.plot(steps, [t["lambda"] for t in target["trajectory"]], color="C3", lw=1, label="λ")
+    lam.set_yscale("log")
+    lam.set_ylabel("λ", color="C3")
+    handles = ax.get_legend_handles_labels()
+    more = lam.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="lower right")
+
+
 def plot_survival(report: dict, path: str | Path) -> Path:
-    """Bar chart of per-layer channel survival (% alive) saved as a PNG; returns the path.
+    """Bar chart of per-layer channel survival (% alive) saved as a PNG; returns the path. With a
+    sparsity target (``report["target"]``) a second panel draws λ and the measured progress
+    against the schedule over the training steps.
 
     Uses matplotlib's object API with the Agg canvas, so it needs no display and leaves the
     global pyplot backend alone.
@@ -144,9 +167,13 @@ def plot_survival(report: dict, path: str | Path) -> Path:
 
     rows = report["layers"]
     survival = [100.0 * r["alive"] / r["channels"] if r["channels"] else 0.0 for r in rows]
-    fig = Figure(figsize=(max(6.0, 0.28 * len(rows) + 2), 4.5), layout="constrained")
+    target = report.get("target")
+    width = max(6.0, 0.28 * len(rows) + 2)
+    fig = Figure(figsize=(width + (5.5 if target else 0), 4.5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(1, 2 if target else 1, 1)
+    if target:
+        plot_target(fig.add_subplot(1, 2, 2), target)
     colors = ["tab:orange" if "stream" in r["name"] else "tab:blue" for r in rows]
     ax.bar(range(len(rows)), survival, color=colors)
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=90, fontsize=7)
