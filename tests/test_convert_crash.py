@@ -98,13 +98,15 @@ def check_triton_loads(repo: Path, expected: dict[str, int], mode: str) -> None:
         server = start_tritonserver(repo, extra_args=MODES[mode], ready_timeout=60)
     except TritonUnavailable as exc:
         pytest.fail(f"Triton ({mode}) does not load the repository a killed convert left: {exc}")
-    with server:
+    try:
         deadline = time.monotonic() + 30
         while (ready := triton_models(server)) != expected and time.monotonic() < deadline:
             time.sleep(0.2)
         assert ready == expected, server.log_tail()
         with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=10) as response:
             assert response.status == 200
+    finally:
+        server.stop(timeout=8)  # polling, it may be reloading the fresh model, which holds a graceful exit
 
 
 def triton_models(server) -> dict[str, int]:
