@@ -10,7 +10,7 @@ TRITON_VENV ?= .venv-triton
 TRITON_SPEC ?= nvidia-pytriton==0.7.0 'numpy<2' 'onnxruntime>=1.18'
 PYTEST_ARGS ?=
 
-.PHONY: venv triton-venv demo test deploy-check lint bench bench-triton bench-gateway bench-triton-gateway gpu-check proto clean
+.PHONY: venv triton-venv demo test test-all deploy-check lint bench bench-triton bench-gateway bench-triton-gateway gpu-check proto clean
 
 venv: $(VENV)/.installed
 
@@ -33,8 +33,15 @@ demo: venv
 	$(PY) -m training.run --config configs/demo.yaml
 	$(PY) -m serving.demo --run runs/demo --repository model_repository --name demo
 
+# the fast tier (under 10 minutes on 2 cores): everything but the `slow`-marked long checks;
+# `gpu`-marked tests skip themselves without CUDA
 test: venv triton-venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# everything, the slow tier too (multi-process training, sweeps, big-model exports, soak runs) and
+# more examples per property test
+test-all: venv triton-venv
+	PARSIMONY_PROPERTY_EXAMPLES=10 $(PY) -m pytest $(PYTEST_ARGS)
 
 # deploy/: render and validate every kustomization, promtool on the alerts, metric names against a running gateway
 deploy-check: venv

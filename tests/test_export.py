@@ -198,6 +198,7 @@ def test_tiny_export_matches_pytorch_within_the_bound(tiny_export) -> None:
     _assert_ort_matches_torch(model, path, report.io_spec, batch=3)
 
 
+@pytest.mark.slow  # the full-size encoder; the tiny one covers the same path
 @pytest.mark.parametrize("head", ["light", "aspp"])
 def test_resnet50d_os8_export_matches_pytorch(tmp_path: Path, head: str) -> None:
     torch.manual_seed(0)

@@ -329,6 +329,7 @@ def _rank_worker(rank: int, path: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes
 def test_check_same_across_two_ranks(tmp_path) -> None:
     torch.multiprocessing.spawn(_rank_worker, args=(str(tmp_path),), nprocs=2)
     for rank in (0, 1):

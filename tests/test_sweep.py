@@ -196,6 +196,7 @@ def test_dry_run_prints_the_plan_only(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow  # two sweeps on real-data fixtures; the loaders have fast tests
 @pytest.mark.parametrize("dataset", ["nyuv2", "celebamask-hq"])
 def test_same_command_runs_on_real_data_fixtures(tmp_path, dataset):
     root = tmp_path / "data"

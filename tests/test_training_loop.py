@@ -17,9 +17,11 @@ import torch
 
 import training.trainer as trainer
 from training.checkpoint import BEST, LAST, load_checkpoint
+from training.compact import main as compact_main
 from training.config import resolve_config
 from training.distributed import DistInfo
 from training.engine import StepContext, TrainStep, _optimizer_step
+from training.export.__main__ import main as export_main
 from training.export.manifest import load_manifest, verify_onnx_digest
 from training.finish import _selected_checkpoint
 from training.run import main
@@ -60,8 +62,7 @@ def test_early_stopping_stops_at_the_right_epoch_and_uses_the_selected_weights(t
     # best at epoch 1; epochs 2 and 3 do not improve: patience 2 stops after epoch 3 (of 10)
     seen = _scripted_validation(monkeypatch, [1.0, 0.5, 0.7, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
     out = tmp_path / select
-    export = ["--export"] if select == "best" else ["--no-export"]
-    assert main([*TINY, "--epochs", "10", "--patience", "2", "--set", f"train.select={select}", *export,
+    assert main([*TINY, "--epochs", "10", "--patience", "2", "--set", f"train.select={select}", "--no-export",
                  "--out", str(out)]) == 0
     assert seen == [0, 1, 2, 3]
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
@@ -74,25 +75,27 @@ def test_early_stopping_stops_at_the_right_epoch_and_uses_the_selected_weights(t
     final, best, last = (_model_state(out / n) for n in ("checkpoint-final.pt", BEST, LAST))
     assert not _same(best, last)
     assert _same(final, best if select == "best" else last)
-    if select == "best":  # the export is of the selected weights
+    if select == "best":  # the export is of the selected weights (what `--export` runs, less the speed table)
+        assert compact_main([str(out)]) == 0 and export_main([str(out)]) == 0
         manifest = load_manifest(out)
         verify_onnx_digest(manifest, out / "model.onnx")
         assert manifest["source_checkpoint"]["sha256"] == hashlib.sha256(
             (out / "checkpoint-final.pt").read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize(("select", "lam", "best_exists", "expected"), [
-    ("auto", 0.0, True, "best"),   # dense: the best validation loss
-    ("auto", 0.1, True, "last"),   # sparsifying: earlier epochs are less sparse
-    ("best", 0.1, True, "best"),
-    ("last", 0.0, True, "last"),
-    ("best", 0.0, False, "last"),  # no best checkpoint written (e.g. a NaN validation loss)
+@pytest.mark.parametrize(("select", "lam", "target", "best_exists", "expected"), [
+    ("auto", 0.0, None, True, "best"),   # dense: the best validation loss
+    ("auto", 0.1, None, True, "last"),   # sparsifying: earlier epochs are less sparse
+    ("auto", 0.0, "zero_groups=0.5", True, "last"),  # a sparsity target sets λ itself
+    ("best", 0.1, None, True, "best"),
+    ("last", 0.0, None, True, "last"),
+    ("best", 0.0, None, False, "last"),  # no best checkpoint written (e.g. a NaN validation loss)
 ])
-def test_select_picks_the_checkpoint(tmp_path, select, lam, best_exists, expected):
+def test_select_picks_the_checkpoint(tmp_path, select, lam, target, best_exists, expected):
     if best_exists:
         (tmp_path / BEST).write_bytes(b"")
     run = SimpleNamespace(run_dir=tmp_path, config=SimpleNamespace(
-        train=SimpleNamespace(select=select), sparsity=SimpleNamespace(lam=lam)))
+        train=SimpleNamespace(select=select), sparsity=SimpleNamespace(lam=lam, target=target)))
     assert _selected_checkpoint(run) == expected
 
 

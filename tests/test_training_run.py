@@ -66,6 +66,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run_dir / "checkpoint-last.pt")["states"]["model"]
 
 
+@pytest.mark.slow  # three training processes
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     common = [*TINY, "--epochs", "2", "--deterministic", "--checkpoint-every", "1", "--seed", "5",
               "--task-weighting", "uncertainty", "--lam", "2"]
@@ -86,6 +87,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert [json.loads(h)["epoch"] for h in hist] == [0, 1]
 
 
+@pytest.mark.slow  # a two-process torchrun
 def test_two_process_ddp_reduces_metrics_exactly(tmp_path):
     out = tmp_path / "ddp"
     proc = _run_cli([*TINY, "--epochs", "2", "--out", str(out), "--task-weighting", "uncertainty", "--lam", "30"],
