@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from training.checkpoint import BEST, LAST, TrainProgress, load_checkpoint, save_checkpoint
-from training.config import RunConfig
+from training.config import ConfigError, RunConfig
 from training.data import DatasetInfo, DatasetSpec, build_dataset
 from training.data.sampler import EpochBatchSampler
 from training.distributed import DistInfo, broadcast_flag
@@ -156,7 +156,7 @@ def _load_initial(directory: str, tasks: tuple[TaskSpec, ...]) -> nn.Module:
 
     model = load_compact(directory)
     if model.config.tasks != tasks:
-        raise ValueError(f"the model in {directory} predicts {[t.name for t in model.config.tasks]} but this run "
+        raise ConfigError(f"the model in {directory} predicts {[t.name for t in model.config.tasks]} but this run "
                          f"trains {[t.name for t in tasks]}; use the same tasks and data set")
     log.info("starting from the compact model in %s", directory)
     return model.train()
