@@ -16,9 +16,10 @@ from training.models.complexity import count_macs
 from training.sparsity import build_groups, zero_mask
 from training.sparsity.build import build_regularizer
 from training.sparsity.controller import MARGINS, CubicSchedule, ProgressMeter, TargetGroupLasso
-from training.sparsity.cost import CostModel, group_weights
+from training.sparsity.cost import CostModel, group_saving
 from training.sparsity.groups import alive_channels
 from training.sparsity.latency_table import measure_model_ms, measure_table, width_grid
+from training.sparsity.regularizer import GroupLasso
 from training.sparsity.targets import Target, TargetError, parse_target, resolve_weight
 from training.tasks import TaskSpec
 
@@ -112,19 +113,41 @@ def test_predicted_macs_equal_the_compact_models(round_to, fraction):
     assert cost.dense_macs == count_macs(model, SIZE)
 
 
-def test_macs_weights_price_early_channels_higher():
+def test_group_saving_counts_producers_and_consumers():
+    model = _model()
+    groupset = build_groups(model)
+    cost = CostModel.build(model, groupset, SIZE, round_to=1)
+    saving = group_saving(groupset, "macs", cost)
+    assert saving.shape == (groupset.num_groups,)
+    index = groupset.index()
+    first = index.keys[0]  # removing one channel of a space saves exactly its share of the MACs
+    alive = {k: w - (1 if k == first else 0) for k, w in zip(index.keys, index.widths, strict=True)}
+    assert float(saving[0]) == cost.dense_macs - cost.macs(alive)
+    with pytest.raises(TargetError, match="channel groups"):
+        group_saving(build_groups(model, "paper"), "macs", cost)
+
+
+def test_cost_aware_weights_follow_saving_per_importance():
+    """The weight of a group is sqrt(|g|) times its saving per unit of (Fisher) importance,
+    relative to the average: equal importance -> the costlier group weighs more; the total stays
+    that of sqrt(|g|), so λ keeps its scale."""
     model = _model()
     groupset = build_groups(model)
     cost = CostModel.build(model, groupset, SIZE)
-    size, macs = group_weights(groupset, "size"), group_weights(groupset, "macs", cost)
-    assert size.shape == macs.shape == (groupset.num_groups,)
-    assert math.isclose(float(macs.sum()), float(size.sum()), rel_tol=1e-9)  # same λ scale
-    keys, widths = groupset.index().keys, groupset.index().widths
-    first = dict(zip(keys, (macs / size).split(widths), strict=True))
-    # relative to sqrt(|g|), a channel of the first stage (large maps) weighs more than one of the last
-    assert float(first[keys[0]][0]) > float(first[keys[-1]][0])
-    with pytest.raises(TargetError, match="channel groups"):
-        group_weights(build_groups(model, "paper"), "macs", cost)
+    saving = group_saving(groupset, "macs", cost)
+    reg = GroupLasso(groupset, 0.1, saving=saving)
+    size = reg._weights_cpu.clone()
+    loss = model(torch.rand(2, 3, *SIZE))["depth"].pow(2).mean()
+    loss.backward()
+    reg.before_step(0)
+    weights = reg._weights_cpu
+    assert math.isclose(float(weights.sum()), float(size.sum()), rel_tol=1e-9)
+    m = weights / size
+    assert float(m.min()) > 0 and not torch.allclose(m, m[0].expand_as(m))
+    importance = groupset.fisher_importance().double()
+    ratio = (saving / importance)
+    i, j = int(ratio.argmax()), int(ratio.argmin())
+    assert float(m[i]) >= float(m[j])
 
 
 # --- latency table -------------------------------------------------------------------------------
@@ -194,8 +217,9 @@ def test_controller_reaches_the_target_and_freezes(target):
     groupset = build_groups(model)
     cost = CostModel.build(model, groupset, SIZE)
     meter = ProgressMeter(parse_target(target), groupset, model, cost)
+    weight = resolve_weight(meter.target, None)
     reg = TargetGroupLasso(groupset, meter, steps_per_epoch=10, epochs=12, cooldown_from=10, every=2,
-                           weights=group_weights(groupset, resolve_weight(meter.target, None), cost))
+                           saving=group_saving(groupset, weight, cost) if weight != "size" else None)
     fractions = _train(model, reg, 120)
     assert reg.frozen and reg.frozen_step is not None and reg.frozen_step <= 100
     achieved = meter.in_unit(meter.exact())

@@ -105,9 +105,10 @@ class TargetGroupLasso(GroupLasso):
 
     def __init__(self, groupset: GroupSet, meter: ProgressMeter, *, steps_per_epoch: int, epochs: int,
                  warmup_epochs: int = 0, cooldown_from: int | None = None, lam: float = DEFAULT_START_LAMBDA,
-                 weights: Tensor | None = None, every: int = 5, reach_at: float = 0.75,
+                 saving: Tensor | None = None, every: int = 5, reach_at: float = 0.75,
                  gain: float = 0.3, min_alive: int = ROUND_TO) -> None:
-        super().__init__(groupset, lam, "proximal", warmup_epochs, cooldown_from=cooldown_from, weights=weights)
+        super().__init__(groupset, lam, "proximal", warmup_epochs, cooldown_from=cooldown_from, saving=saving,
+                         refresh_every=every)
         self.meter, self.every, self.gain = meter, max(1, int(every)), gain
         sparsify_end = (cooldown_from if cooldown_from is not None else epochs) * steps_per_epoch
         start = warmup_epochs * steps_per_epoch

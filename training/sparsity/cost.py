@@ -136,26 +136,14 @@ class CostModel:
         return self.table
 
 
-def group_weights(groupset: GroupSet, kind: str, cost: CostModel | None = None) -> Tensor:
-    """The weight of every group, flat in the group index's order (float64).
-
-    ``size``: the paper's ``sqrt(|g|)``. ``macs`` / ``latency``: ``saving_g / sqrt(|g|)`` — the
-    channel's saving per weight, times ``sqrt(|g|)`` — rescaled so the weights sum to the same
-    total as ``sqrt(|g|)``. Under Adam(W) a group survives the proximal step roughly while
-    ``λ · weight / sqrt(|g|)`` stays below the consistency of its gradient, so with ``size`` every
-    group faces the same threshold λ, and with a cost weight the threshold is λ times the group's
-    cost per weight relative to the encoder's average: the costliest channels go first.
-    """
-    index = groupset.index()
-    sizes = torch.tensor([groupset.group_size(k) for k in index.keys], dtype=torch.float64)
-    counts = torch.tensor(index.widths)
-    sqrt_sizes = sizes.sqrt().repeat_interleave(counts)
-    if kind == "size":
-        return sqrt_sizes
-    if groupset.mode != "channel" or cost is None:
+def group_saving(groupset: GroupSet, kind: str, cost: CostModel) -> Tensor:
+    """What removing each group saves from the dense model (flat, in the group index's order):
+    MACs for ``macs``, the latency table's ms for ``latency``. With the groups' importance this
+    gives the cost-aware weights (`GroupLasso.refresh_weights`)."""
+    if groupset.mode != "channel":
         raise TargetError(f"the {kind!r} group weight prices channels: it needs channel groups "
                           f"(sparsity.groups: channel), got {groupset.mode!r}")
+    index = groupset.index()
     saving = cost.channel_saving("macs" if kind == "macs" else "latency")
-    per_space = torch.tensor([saving[k] for k in index.keys], dtype=torch.float64) / sizes.sqrt()
-    weights = per_space.clamp_min(1e-12 * float(per_space.max())).repeat_interleave(counts)
-    return weights * (sqrt_sizes.sum() / weights.sum())
+    per_space = torch.tensor([saving[k] for k in index.keys], dtype=torch.float64)
+    return per_space.clamp_min(1e-12 * float(per_space.max())).repeat_interleave(torch.tensor(index.widths))

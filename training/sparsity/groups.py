@@ -217,6 +217,7 @@ class GroupSet:
             for n, sl in slices.items()
         }
         self._index = SliceIndex(slices, params)
+        self._params = {s.name: params[s.name] for sl in slices.values() for s in sl}
 
     def slices(self, space: str) -> list[ParamSlice]:
         """The (parameter, dim) slices every group of ``space`` covers."""
@@ -251,6 +252,16 @@ class GroupSet:
         if model is None:
             return self._index
         return SliceIndex(self._slices, dict(unwrap(model).named_parameters()))
+
+    @torch.no_grad()
+    def fisher_importance(self) -> Tensor | None:
+        """Per group (flat, index order): ``Σ_{w∈g} (w · ∂L/∂w)²``, the diagonal Fisher estimate of
+        how much the loss would change without the group, from the gradients the parameters hold
+        now; None while any of them has no gradient. Invariant to the scale a BatchNorm absorbs."""
+        if any(p.grad is None for p in self._params.values()):
+            return None
+        products = {n: p.detach() * p.grad for n, p in self._params.items()}
+        return SliceIndex(self._slices, products).reduce_flat("sumsq")
 
     def to_dict(self) -> dict:
         """A JSON-friendly summary (no tensors)."""

@@ -52,6 +52,8 @@ class GroupLasso:
         tolerance: float = 1e-6,
         cooldown_from: int | None = None,
         weights: Tensor | None = None,
+        saving: Tensor | None = None,
+        refresh_every: int = 5,
     ) -> None:
         if mode not in REG_MODES:
             raise ValueError(f"unknown sparsity mode {mode!r}; choose one of {REG_MODES}")
@@ -79,6 +81,10 @@ class GroupLasso:
             raise ValueError(f"weights must hold one value per group ({self._index.total}), got {tuple(weights.shape)}")
         self._weights_cpu = weights.detach().to("cpu", torch.float64)
         self._weights_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._sqrt_sizes = self._weights_cpu.clone()
+        self._saving = None if saving is None else saving.detach().to("cpu", torch.float64)
+        self._importance: Tensor | None = None
+        self.refresh_every, self._calls = max(1, int(refresh_every)), 0
 
     @classmethod
     def from_config(cls, groupset: GroupSet, config: Any, epochs: int | None = None) -> GroupLasso:
@@ -100,6 +106,10 @@ class GroupLasso:
     def before_step(self, epoch: int) -> None:
         """Call before ``optimizer.step()``: in the cool-down, note which groups are zero now (in
         penalty mode after zeroing those under the tolerance)."""
+        if self._saving is not None and self.active(epoch):
+            if self._calls % self.refresh_every == 0:
+                self.refresh_weights()
+            self._calls += 1
         if not self.holding(epoch):
             self._keep = None
             return
@@ -174,6 +184,30 @@ class GroupLasso:
     def zero_mask(self) -> dict[str, Tensor]:
         """Per grouped space: True where every weight of the group is exactly 0."""
         return zero_mask(self.groupset)
+
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        """Cost-aware weights (``saving`` given): ``w_g = sqrt(|g|) · m_g`` with ``m_g`` the group's
+        saving per unit of importance relative to the average, ``(S_g / S̄) / (I_g / Ī)``, clipped to
+        [1/4, 4] and rescaled so the weights keep the total of ``sqrt(|g|)``. ``I_g`` is a running
+        mean of the groups' Fisher importance (from the gradients of this step), so a group is
+        shrunk harder the more it saves and the less the loss needs it — the knapsack's order.
+        Without the importance term every costly channel would go first, needed or not: under
+        Adam(W) the proximal balance hardly sees how much the loss needs a group."""
+        sample = self.groupset.fisher_importance()
+        if sample is None or self._saving is None:
+            return
+        sample = sample.detach().to("cpu", torch.float64)
+        self._importance = sample if self._importance is None else 0.7 * self._importance + 0.3 * sample
+        alive = self._importance > 0
+        if not bool(alive.any()):
+            return
+        rel_saving = self._saving / self._saving[alive].mean()
+        rel_importance = self._importance / self._importance[alive].mean()
+        m = (rel_saving / rel_importance.clamp_min(1e-12)).clamp(0.25, 4.0)
+        weights = self._sqrt_sizes * m
+        self._weights_cpu = weights * (self._sqrt_sizes.sum() / weights.sum())
+        self._weights_on.clear()
 
     def _weights(self, like: Tensor) -> Tensor:
         """The group weights (``sqrt(|g|)`` unless others were given) on ``like``'s device and dtype."""
