@@ -413,6 +413,7 @@ def test_manifest_missing_checkpoint_is_refused(tiny_export, tmp_path: Path) -> 
         ("{not json", "not readable JSON"),
         ("[1, 2]", "not an object"),
         ('{"format_version": 99}', "format_version 99"),
+        ('{"format_version": true}', "format_version True"),  # equal to 1 in Python, still no version
         (f'{{"format_version": {MANIFEST_FORMAT}, "tasks": []}}', "lacks"),
     ],
 )

@@ -152,7 +152,7 @@ def load_manifest(path: str | Path) -> dict:
             f"manifest {path} holds a {type(manifest).__name__}, not an object; re-export the model"
         )
     version = manifest.get("format_version")
-    if version != MANIFEST_FORMAT:
+    if isinstance(version, bool) or version != MANIFEST_FORMAT:  # True == 1 in Python, but not a version
         raise ManifestError(
             f"manifest {path} has format_version {version!r}; this code reads version {MANIFEST_FORMAT} "
             f"(re-export the model with this version of parsimony)"
