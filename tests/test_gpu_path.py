@@ -188,6 +188,22 @@ def test_proximal_step_follows_the_stepped_flag():
     assert any(not torch.equal(start[k], v) for k, v in flagged.items())
 
 
+def test_only_a_static_proximal_step_is_replayed_as_a_cuda_graph():
+    """A graph replays the kernels and tensors of its capture: cost-aware weights (refreshed into new
+    tensors) and a controller deciding on the host must stay eager."""
+    step, _, ctx = _small_setup()
+    assert ctx.regularizer._static_step()
+    groups = build_groups(step.model)
+    saving = torch.ones(sum(groups.index().widths), dtype=torch.float64)
+    assert not GroupLasso(groups, lam=0.5, saving=saving)._static_step()
+
+    class Capped(GroupLasso):
+        def limit_zeros(self, factor, sq, threshold):
+            return factor
+
+    assert not Capped(groups, lam=0.5)._static_step()
+
+
 # --- normals ----------------------------------------------------------------------------------------
 
 

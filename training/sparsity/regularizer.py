@@ -133,12 +133,18 @@ class GroupLasso:
         if self.lam == 0 or lr == 0:
             return
         device = self._index.entries[0][0].device if self._index.entries else torch.device("cpu")
-        if device.type != "cuda":
+        if device.type != "cuda" or not self._static_step():
             self._proximal(lr, stepped)
             return
         if self._captured is None:  # on a GPU: one graph replay instead of hundreds of launches
             self._captured = CapturedUpdate(self._proximal, device)
         self._captured(lr, stepped)
+
+    def _static_step(self) -> bool:
+        """Whether every call of the step launches the same kernels on the same tensors, so that a
+        CUDA graph can replay it: not with a controller choosing which groups may be zeroed (its
+        choice is made on the host) nor with cost-aware weights (refreshed into new tensors)."""
+        return type(self).limit_zeros is GroupLasso.limit_zeros and self._saving is None
 
     def _proximal(self, lr: float | Tensor, stepped: Tensor | None) -> None:
         sq = self._index.reduce_flat("sumsq")
