@@ -139,7 +139,7 @@ def demo(args: argparse.Namespace) -> int:
     try:
         seconds = wait_ready(process, grpc_port, log_path)
         print(f"ready after {seconds:.1f} s: gRPC 127.0.0.1:{grpc_port}, HTTP http://127.0.0.1:{http_port} "
-              f"(/docs, /metrics)", flush=True)
+              f"(/v1/models, /metrics)", flush=True)
         server = f"127.0.0.1:{grpc_port}"
         run("predict", ["python", "-m", "clients.predict", str(image), "--server", server,
                         "--out", str(run_dir / "predictions")])
