@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_sparsity_regularizer import _one_thread  # noqa: F401  (autouse: one torch thread per test)
 from torch import nn
 
 from training.compaction import compact
@@ -27,14 +28,6 @@ SEG = TaskSpec("seg", "segmentation", 5)
 DEPTH = TaskSpec("depth", "depth", 1)
 ATTR = TaskSpec("attr", "attributes", 2, ("Male", "Smiling"))
 SIZE = (32, 48)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(encoder: str = "tiny", seed: int = 0) -> nn.Module:

@@ -338,6 +338,9 @@ def _target_columns(run_dir: Path, sparsity: dict | None) -> dict:
     done = [p.stat().st_mtime for p in run_dir.iterdir() if p.is_file() and p.name != RUN_LOG]
     start = (run_dir / "config.yaml").stat().st_mtime if (run_dir / "config.yaml").is_file() else math.nan
     row = {"wall_min": (max(done) - start) / 60 if done else math.nan}
+    manifest = run_dir / "manifest.json"
+    if manifest.is_file():  # the exported (compacted, widths rounded) model's own count
+        row["exported_macs"] = json.loads(manifest.read_text()).get("complexity", {}).get("macs", math.nan)
     target = (sparsity or {}).get("target")
     if not target:
         return row

@@ -155,7 +155,7 @@ def to_markdown(settings: Sequence[Setting], tasks: Sequence[TaskSpec], meta: di
         "e.g. an F1 of 0).",
         "",
     ]
-    lines += _targets(settings)
+    lines += _targets(settings, meta.get("targets", ()))
     lines += _table(settings, tasks)
     lines += ["", *_verdicts(settings, tasks, meta)]
     lines += ["", "Plots: " + ", ".join(f"[{name}]({name})" for name in PLOTS.values())]
@@ -181,7 +181,7 @@ def _table(settings: Sequence[Setting], tasks: Sequence[TaskSpec]) -> list[str]:
 
 def _lambda_cell(s: Setting) -> str:
     if s.target:
-        return f"{s.target} (final λ {format_lambda(s.lam)})" if math.isfinite(s.lam) else s.target
+        return f"{s.target} (final λ {s.lam:.2g})" if math.isfinite(s.lam) else s.target
     return "0 (dense)" if s.lam == 0 else format_lambda(s.lam)
 
 
@@ -190,9 +190,10 @@ def target_met(kind: str, requested: float, achieved: float) -> bool:
     return abs(achieved - requested) <= (tol if how == "abs" else tol * requested)
 
 
-def _targets(settings: Sequence[Setting]) -> list[str]:
-    """Requested against achieved per target setting, with what each costs and runs at."""
-    rows = [s for s in settings if s.target]
+def _targets(settings: Sequence[Setting], order: Sequence[str] = ()) -> list[str]:
+    """Requested against achieved per target setting (in ``order``), with what each costs and runs at."""
+    rank = {t: i for i, t in enumerate(order)}
+    rows = sorted((s for s in settings if s.target), key=lambda s: rank.get(s.target, len(rank)))
     if not rows:
         return []
     lines = ["## Targets: requested against achieved", "",
@@ -201,15 +202,15 @@ def _targets(settings: Sequence[Setting]) -> list[str]:
              + ", ".join(f"{'±' + format(t * 100, 'g') + (' pp' if h == 'abs' else ' %')} ({k})"
                          for k, (t, h) in TARGET_TOLERANCE.items()) + " in every seed. ORT: ONNX Runtime latency of "
              "the dense and the compact model timed side by side in the run's process.", "",
-             "| target | n | achieved per seed | met | % zero groups | MAC ratio | ORT speed-up | ΔMTL vs dense (%) "
+             "| target | n | achieved per seed | met | % zero groups | MAC ratio (exported) | ORT speed-up | ΔMTL vs dense (%) "
              "| final λ | wall (min/run) |", "|" + "---|" * 10]
     for s in rows:
         kind = s.target.split("=")[0]
         column = "measured_ms" if kind == "latency_ms" else "achieved"
         values = [float(r[column]) for r in s.rows if _is_number(r.get(column))]
         met = bool(values) and all(target_met(kind, float(s.rows[0]["requested"]), v) for v in values)
-        ratio = Setting("", (), 0.0, [{"r": r["dense_macs"] / r["compact_macs"]} for r in s.rows
-                                      if _is_number(r.get("compact_macs")) and r["compact_macs"]])
+        ratio = Setting("", (), 0.0, [{"r": r["dense_macs"] / r["exported_macs"]} for r in s.rows
+                                      if _is_number(r.get("exported_macs")) and r["exported_macs"]])
         cells = [s.target, str(len(s.rows)), ", ".join(f"{v:.4g}" for v in values) or "—",
                  "yes" if met else "NO", _pm(s, "pct_zero_groups", digits=3), _pm(ratio, "r", digits=3),
                  _pm(s, "ort_speedup", digits=3), _pm(s, "delta_vs_dense", digits=3, sign="+"),

@@ -21,6 +21,7 @@ from training.sparsity.targets import ROUND_TO, TargetError, parse_target, resol
 log = logging.getLogger("training")
 LATENCY_TABLE_FILE = "latency-table.json"
 TARGET_FILE = "target.json"
+LOAD_DRIFT = 0.15  # dense latency now vs in the table beyond which the table's load differed
 
 
 def build_cost_model(model: nn.Module, groupset: GroupSet, config: Any, image_size: tuple[int, int],
@@ -105,7 +106,11 @@ def write_target_check(run_dir: Path, summary: dict, dense: nn.Module, compact_o
         out["measured_ms"] = timing["compact_min_ms"]
         out["measured_vs_requested"] = timing["compact_min_ms"] / summary["requested"]
         # the table's dense latency against the one measured now: how much the machine's load moved
-        out["load_drift"] = timing["dense_min_ms"] / summary["dense"] if summary.get("dense") else None
+        out["load_drift"] = drift = timing["dense_min_ms"] / summary["dense"] if summary.get("dense") else None
+        if drift is not None and abs(drift - 1) > LOAD_DRIFT:
+            out["warning"] = (f"the dense model times {drift:.2f}x what the latency table measured: the machine's load "
+                              f"changed, so predicted and measured latencies disagree; measure the table again on a quiet "
+                              f"machine (delete {LATENCY_TABLE_FILE}) before trusting either")
     atomic_write_json(Path(run_dir) / TARGET_FILE, out)
     return out
 
@@ -119,6 +124,8 @@ def describe_target(check: dict) -> str:
                                                 if check["frozen_at_step"] is not None else "")]
     if "why" in check:
         lines.append(f"  why: {check['why']}")
+    if "warning" in check:
+        lines.append(f"  warning: {check['warning']}")
     lines.append(f"  ONNX Runtime at batch {ort['batch']} (median / fastest): dense {ort['dense_ms']:.2f} / "
                  f"{ort['dense_min_ms']:.2f} ms, compact {ort['compact_ms']:.2f} / {ort['compact_min_ms']:.2f} ms "
                  f"(x{ort['speedup']:.2f} / x{ort['speedup_min']:.2f})")
