@@ -216,3 +216,16 @@ def test_same_command_runs_on_real_data_fixtures(tmp_path, dataset):
     multi = rows["multi-mtl-lam1e-2-seed0"]
     assert math.isfinite(float(multi["segmentation/miou"]))
     assert "| multi |" in (out / "results.md").read_text()
+
+
+def test_the_lambda_acceptance_line_ignores_target_runs():
+    """A targets sweep has no λ to accept: a 0.6 target frozen just below 60 % must not make the
+    line pick (and fail) another target's run."""
+    from training.sweep_report import Setting, acceptance
+
+    rows = [{"pct_zero_groups": 74.8, "delta_vs_dense": -1.34}]
+    targets = [Setting("multi", ("a", "b"), 0.0, [{"pct_zero_groups": 0.0, "delta_vs_dense": 0.0}]),
+               Setting("multi", ("a", "b"), 2e-3, rows, target="zero_groups=0.75")]
+    assert "not applicable" in acceptance(targets)
+    lam = [*targets, Setting("multi", ("a", "b"), 0.1, rows)]
+    assert "FAIL" in acceptance(lam) and "74.8 %" in acceptance(lam)

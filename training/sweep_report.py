@@ -262,7 +262,9 @@ def collapse(group: Sequence[Setting], tasks: Sequence[TaskSpec]) -> tuple[float
 def acceptance(group: Sequence[Setting]) -> str:
     head = (f"**Acceptance** (at a λ leaving ≥ {ACCEPT_ZERO_GROUPS:g} % of the shared encoder's groups zero, "
             f"multi-task ΔMTL vs dense multi-task ≥ {ACCEPT_DELTA:g} %): ")
-    sparse = [s for s in group if s.lam > 0 and math.isfinite(s.mean("pct_zero_groups"))]
+    sparse = [s for s in group if not s.target and s.lam > 0 and math.isfinite(s.mean("pct_zero_groups"))]
+    if not sparse and any(s.target for s in group):
+        return head + "not applicable — the sparse runs were given targets, not λ (requested against achieved above)."
     if not sparse:
         return head + "not evaluated — no multi-task run with λ > 0 has sparsity.json."
     candidates = [s for s in sparse if s.mean("pct_zero_groups") >= ACCEPT_ZERO_GROUPS]
