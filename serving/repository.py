@@ -30,7 +30,7 @@ any moment.
 
 Hidden leftovers of a killed writer carry its process id and host (``.staging-PID@HOST.xxxx``);
 `clean_leftovers` deletes those whose process is gone (or, from another host, that are older than
-`STALE_AFTER_S`), never those of a writer still running.
+`serving.leftovers.STALE_AFTER_S`), never those of a writer still running.
 
 Readers (the gateway, tests) use:
 
@@ -47,13 +47,12 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.leftovers import owner_tag, stale_entries
 from training.export.manifest import load_manifest, manifest_io_spec
 from training.export.spec import ModelIOSpec
 from training.io import readable_mode
@@ -65,8 +64,6 @@ _STAGING_PREFIX = ".staging-"
 _TRASH_PREFIX = ".pruned-"
 _TMP_PREFIX = ".tmp-"
 _LEFTOVER_PREFIXES = (_STAGING_PREFIX, _TRASH_PREFIX, _TMP_PREFIX)
-_OWNER = re.compile(r"(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.")
-STALE_AFTER_S = 24 * 3600  # a leftover from another host (whose processes we cannot see) this old is dead
 # Triton takes the model's folder name as its name and serves it at /v2/models/<name>: keep to
 # characters that are safe in a folder name, a URL path segment and a Prometheus label; a leading
 # '.' would hide the folder, and Triton ignores a model folder whose name is not its config's name.
@@ -281,7 +278,7 @@ def _model_folders(real_repo: Path) -> list[Path]:
 
 
 def _make_staging(parent: Path, prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{_owner()}", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{owner_tag()}", dir=parent))
 
 
 def _publish(staging: Path, directory: Path) -> Path:
@@ -310,7 +307,7 @@ def _seal(root: Path) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{_owner()}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{owner_tag()}", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -351,7 +348,7 @@ def prune(repo: Path, name: str, keep: int) -> list[int]:
     removed = present[:-keep] if len(present) > keep else []
     directory = model_dir(repo, name)
     for version in removed:
-        trash = directory / f"{_TRASH_PREFIX}{_owner()}{version}"
+        trash = directory / f"{_TRASH_PREFIX}{owner_tag()}{version}"
         os.rename(directory / str(version), trash)  # Triton sees the version vanish at once
         step("pruning")
         shutil.rmtree(trash)
@@ -367,48 +364,12 @@ def clean_leftovers(repo: Path) -> list[Path]:
     real = Path(os.path.realpath(repo))
     if not real.is_dir():
         return []
-    stale = _stale(real.parent, (_sibling_prefix(real),)) if real.parent != real else []
+    stale = stale_entries(real.parent, (_sibling_prefix(real),)) if real.parent != real else []
     for folder in _model_folders(real):
-        stale += _stale(folder, _LEFTOVER_PREFIXES)
+        stale += stale_entries(folder, _LEFTOVER_PREFIXES)
     for path in stale:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
     return stale
-
-
-def _stale(folder: Path, prefixes: tuple[str, ...]) -> list[Path]:
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError:
-        return []
-    return [p for p in entries for prefix in prefixes if p.name.startswith(prefix) and _is_stale(p, prefix)]
-
-
-def _is_stale(path: Path, prefix: str) -> bool:
-    owner = _OWNER.match(path.name, len(prefix))
-    if owner and owner["host"] == _host():
-        return not _alive(int(owner["pid"]))
-    try:  # another host's (or an older format's): judged by age
-        return time.time() - path.lstat().st_mtime > STALE_AFTER_S
-    except FileNotFoundError:
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _owner() -> str:
-    return f"{os.getpid()}@{_host()}."
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from triton_server import TritonUnavailable, require_triton, start_tritonserver
 
+from serving import leftovers as writers
 from serving import repository as layout
 from serving.convert import PAUSE_ENV, convert, main
 from serving.server.models import repository_models
@@ -221,7 +222,7 @@ def test_only_leftovers_of_dead_writers_are_deleted(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = layout._host()
+    host = writers.host()
     try:
         alive_dir = repo / "m" / f".staging-{sleeper.pid}@{host}.abc"
         dead_dir = repo / "m" / f".staging-{dead.pid}@{host}.abc"
@@ -233,7 +234,7 @@ def test_only_leftovers_of_dead_writers_are_deleted(tmp_path):
         for folder in (alive_dir, dead_dir, dead_trash, dead_sibling, foreign_young, foreign_old):
             (folder / "1").mkdir(parents=True)
         dead_tmp.write_text("half a config")
-        old = os.stat(foreign_old).st_mtime - layout.STALE_AFTER_S - 60
+        old = os.stat(foreign_old).st_mtime - writers.STALE_AFTER_S - 60
         os.utime(foreign_old, (old, old))
         removed = layout.clean_leftovers(repo)
         assert sorted(removed) == sorted([dead_dir, dead_trash, dead_tmp, dead_sibling, foreign_old])
