@@ -57,6 +57,23 @@ RETRY_FOREVER = RetryPolicy(max_attempts=None, initial_backoff=0.02, max_backoff
 # --- the gateway under test -----------------------------------------------------------------------
 
 
+def wait_http_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the gateway at ``url`` answers /readyz with 200; raises when its process ``proc`` exits
+    first (with its stderr, when piped) or ``timeout`` passes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            said = proc.stderr.read() if proc.stderr is not None else ""
+            raise RuntimeError(f"the gateway exited with {proc.returncode}: {said}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("the gateway did not become ready")
+
+
 class GatewayProcess:
     """``python -m serving.server`` on fixed ports, serving ``model`` from ``repository``."""
 
@@ -69,17 +86,7 @@ class GatewayProcess:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the gateway exited with {self.proc.returncode}: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(f"{self.http_url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("the gateway did not become ready")
+        wait_http_ready(self.http_url, self.proc, timeout)
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

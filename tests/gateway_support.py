@@ -186,3 +186,17 @@ async def _until(condition, timeout: float = 30) -> None:
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+def predict_until(stop: threading.Event, server: str, retry, image: bytes, on_result, failures: list[str],
+                  model: str = "scenes") -> None:
+    """Depth predictions with the project's client, back to back until ``stop`` is set: each result
+    to ``on_result``, each error as ``"CODE: message"`` to ``failures`` (load across a disruption)."""
+    from clients import Client, ClientError
+
+    with Client(server, retry=retry, timeout=60) as client:
+        while not stop.is_set():
+            try:
+                on_result(client.predict(model, image, tasks=["depth"]))
+            except ClientError as exc:
+                failures.append(f"{exc.code}: {exc}")

@@ -14,9 +14,17 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from gateway_support import RunningGateway, SlowBackend, free_port, image_bytes, publish_version
+from gateway_support import (
+    RunningGateway,
+    SlowBackend,
+    free_port,
+    image_bytes,
+    predict_until,
+    publish_version,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.soak import wait_http_ready
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.proto.parsimony.v1 import gateway_pb2_grpc as pb_grpc
 from serving.server.__main__ import main as server_main
@@ -60,19 +68,6 @@ def test_not_ready_until_loaded_and_warmed_then_not_ready_while_draining(exporte
         SlowBackend.load_delay = 0.0
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("the server did not become ready")
-
-
 def test_sigterm_drains_in_flight_requests_of_a_real_server_process(exported_run):
     grpc_port, http_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "serving.server", "--run", str(exported_run), "--model", "scenes", "--host", "127.0.0.1",
@@ -81,7 +76,7 @@ def test_sigterm_drains_in_flight_requests_of_a_real_server_process(exported_run
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{http_port}"
     try:
-        _wait_ready(url, proc)
+        wait_http_ready(url, proc)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel, httpx.Client(base_url=url, timeout=30) as http:
             stub = pb_grpc.PredictionServiceStub(channel)
             request = pb.PredictRequest(model="scenes", encoded_image=PNG)
@@ -252,7 +247,7 @@ def _server_process(exported_run, grpc_port: int, http_port: int) -> subprocess.
 def test_calls_in_a_tight_loop_across_sigterm_are_never_cancelled_or_lost(exported_run):
     """A replica receives SIGTERM under load and a successor starts on the same ports (a rolling
     update): with the project's client, every call succeeds; none ends CANCELLED or is lost."""
-    from clients import Client, ClientError, RetryPolicy
+    from clients import RetryPolicy
 
     grpc_port, http_port = free_port(), free_port()
     first = _server_process(exported_run, grpc_port, http_port)
@@ -262,15 +257,10 @@ def test_calls_in_a_tight_loop_across_sigterm_are_never_cancelled_or_lost(export
                          on_retry=lambda attempt, error, wait: retried.append(error.code))
 
     def loop(server: str) -> None:
-        with Client(server, retry=policy, timeout=60) as client:
-            while not stop.is_set():
-                try:
-                    done.append(client.predict("scenes", PNG, tasks=["depth"]).model)
-                except ClientError as exc:
-                    failures.append(f"{exc.code}: {exc}")
+        predict_until(stop, server, policy, PNG, lambda p: done.append(p.model), failures)
 
     try:
-        _wait_ready(f"http://127.0.0.1:{http_port}", first)
+        wait_http_ready(f"http://127.0.0.1:{http_port}", first)
         threads = [threading.Thread(target=loop, args=(f"127.0.0.1:{grpc_port}",)) for _ in range(3)]
         threads.append(threading.Thread(target=loop, args=(f"http://127.0.0.1:{http_port}",)))
         for t in threads:

@@ -12,10 +12,10 @@ import threading
 import time
 
 import pytest
-from gateway_support import RunningGateway, image_bytes
+from gateway_support import RunningGateway, image_bytes, predict_until
 from triton_server import require_triton, start_tritonserver
 
-from clients import Client, ClientError, RetryPolicy
+from clients import RetryPolicy
 from serving.convert import convert
 from serving.triton_config import ServingOptions
 
@@ -44,12 +44,7 @@ def test_triton_killed_under_load_is_noticed_and_recovered_without_losing_calls(
     try:
         with RunningGateway(repository=repo, backend="triton", triton_url=f"dns:///{triton.grpc_url}") as gw:
             def loop(server: str) -> None:
-                with Client(server, retry=policy, timeout=60) as client:
-                    while not stop.is_set():
-                        try:
-                            done.append(client.predict("scenes", PNG, tasks=["depth"]).version)
-                        except ClientError as exc:
-                            failures.append(f"{exc.code}: {exc}")
+                predict_until(stop, server, policy, PNG, lambda p: done.append(p.version), failures)
 
             threads = [threading.Thread(target=loop, args=(s,)) for s in (gw.grpc_target, gw.http_url) * 2]
             for t in threads:
