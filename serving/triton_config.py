@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from serving.tensorrt_build import profile_shapes
 from training.export.spec import DTYPES, DYNAMIC, ModelIOSpec, TensorSpec
 
 DEVICES = ("gpu", "cpu")
@@ -155,8 +156,6 @@ def _tensorrt_accelerator(config: mc.ModelConfig, name: str, spec: ModelIOSpec, 
     loads; with one optimisation profile over batch 1..max (the plan builder's) they are built once,
     not once per new batch size, and with the engine and timing caches on a volume that outlives the
     pod (``ENGINE_CACHE_DIR``, mounted by deploy/k8s/overlays/gpu) a restart loads them instead."""
-    from serving.tensorrt_build import profile_shapes
-
     accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
     params = accelerator.parameters
     params["precision_mode"] = "FP16" if options.fp16 else "FP32"

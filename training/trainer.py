@@ -68,14 +68,15 @@ def pick_device(name: str, dist: DistInfo | None = None) -> torch.device:
     """The run's device. ``cuda`` without an index is the process's GPU: its local rank under
     torchrun, else GPU 0. ``auto`` falls back to the CPU when torch cannot use a GPU, and says why
     when the machine has one."""
+    if name != "auto" and torch.device(name).type != "cuda":
+        return torch.device(name)
+    reason = cuda_unusable_reason()
     if name == "auto":
-        reason = cuda_unusable_reason()
         if reason is not None and nvidia_gpu_present():
             log.warning("--device auto: this machine has an NVIDIA GPU but training runs on the CPU: %s", reason)
         name = "cpu" if reason is not None else "cuda"
     device = torch.device(name)
     if device.type == "cuda":
-        reason = cuda_unusable_reason()
         if reason is not None:
             raise ValueError(f"--device {name} was asked for but {reason}; use --device cpu")
         if device.index is None:
