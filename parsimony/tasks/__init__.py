@@ -1,0 +1,133 @@
+"""The task kinds, one module each in this package, and the task spec every side shares.
+
+`kind(name)` returns the `Kind` object of a kind name; `KINDS` maps every known name to it. Kinds
+register themselves by subclassing `Kind` in a module of this package: every module here is
+imported on first use, so a new kind is one new file.
+
+| kind           | target in a sample                          | graph output (float32)  | the gateway returns                      |
+|----------------|---------------------------------------------|-------------------------|------------------------------------------|
+| `segmentation` | int64 ``[H, W]`` class index, -1 = ignore    | logits ``[N, C, H, W]`` | class map ``[H, W]`` (+ softmax ``[C, H, W]``) |
+| `depth`        | float32 ``[1, H, W]`` metres, 0 = invalid    | metres ``[N, 1, H, W]`` | ``[H, W]`` metres clamped at 0           |
+| `normal`       | float32 ``[3, H, W]`` unit, all-0 = invalid  | unit ``[N, 3, H, W]``   | ``[3, H, W]`` unit vectors               |
+| `attributes`   | float32 ``[A]`` in {0, 1}                    | logits ``[N, A]``       | ``{attribute: probability}``             |
+| `edges`        | float32 ``[1, H, W]`` in {0, 1}, -1 = ignore | logits ``[N, 1, H, W]`` | edge map ``[H, W]`` 0/255 (+ probabilities) |
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from parsimony.spec import ModelIOSpec, image_spec, validate_name
+from parsimony.tasks.base import Field, FieldValue, Kind, Picture, TaskInfo
+
+__all__ = ["KINDS", "Field", "FieldValue", "Kind", "Picture", "TaskInfo", "TaskSpec", "UnknownKind", "kind",
+           "kind_names", "model_io_spec", "select_tasks"]
+
+KINDS: dict[str, Kind] = {}
+
+
+class UnknownKind(ValueError):
+    """A task kind nobody registered (a manifest or config from a newer version, or a typo)."""
+
+
+def _discover() -> dict[str, Kind]:
+    if not KINDS:
+        for module in pkgutil.iter_modules(__path__):
+            if module.name != "base":
+                importlib.import_module(f"{__name__}.{module.name}")
+        found = {}
+        for cls in _subclasses(Kind):
+            if not getattr(cls, "__abstractmethods__", None) and "name" in cls.__dict__:
+                if cls.name in found:
+                    raise RuntimeError(f"task kind {cls.name!r} is defined twice ({found[cls.name]} and {cls})")
+                found[cls.name] = cls()
+        KINDS.update(sorted(found.items(), key=lambda kv: (_ORDER.get(kv[0], len(_ORDER)), kv[0])))
+    return KINDS
+
+
+_ORDER = {"segmentation": 0, "depth": 1, "normal": 2, "attributes": 3}  # the order docs list them in
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def kind_names() -> tuple[str, ...]:
+    return tuple(_discover())
+
+
+def kind(name: str, *, task: str | None = None) -> Kind:
+    """The `Kind` called ``name``; `UnknownKind` (naming the task, when given) otherwise."""
+    kinds = _discover()
+    if name not in kinds:
+        which = f"task {task!r} has kind {name!r}" if task else f"unknown task kind {name!r}"
+        raise UnknownKind(f"{which}, which this version of parsimony does not know (it knows {list(kinds)}); "
+                          f"use one of those, or upgrade parsimony")
+    return kinds[name]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a data set or model: its name, kind, output channels and the names of those
+    channels (class names, attribute names; empty for kinds without them)."""
+
+    name: str
+    kind: str
+    channels: int
+    labels: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        owner = kind(self.kind, task=self.name)
+        if self.labels and len(self.labels) != self.channels:
+            raise ValueError(f"task {self.name!r}: {len(self.labels)} labels for {self.channels} channels")
+        owner.check_channels(self.name, self.channels, self.labels)
+
+    @property
+    def owner(self) -> Kind:
+        return kind(self.kind)
+
+    @property
+    def dense(self) -> bool:
+        return self.owner.dense
+
+    def info(self) -> TaskInfo:
+        return TaskInfo(name=self.name, kind=self.kind, channels=self.channels, labels=self.labels,
+                        unit=self.owner.unit, semantics=self.owner.semantics)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "channels": self.channels, "labels": list(self.labels)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TaskSpec:
+        return cls(name=d["name"], kind=d["kind"], channels=int(d["channels"]), labels=tuple(d.get("labels", ())))
+
+
+def select_tasks(available: Sequence[TaskSpec], names: Sequence[str] | None) -> tuple[TaskSpec, ...]:
+    """The tasks named in ``names`` (all of ``available`` when None or empty), in the order given."""
+    if not names:
+        return tuple(available)
+    by_name = {t.name: t for t in available}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; this data set has {sorted(by_name)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"task list {list(names)} names a task twice")
+    return tuple(by_name[n] for n in names)
+
+
+def model_io_spec(tasks: Sequence[TaskSpec], image_size: tuple[int, int], channels: int = 3) -> ModelIOSpec:
+    """The tensor spec of a model with ``tasks`` exported at ``image_size`` (H, W): the ``image``
+    input and one output per task, named by the task, as its kind says."""
+    image = image_spec(channels, image_size)
+    size = image.shape[2:]
+    outputs = []
+    for task in tasks:
+        validate_name(task.name, f"task ({task.kind})")
+        outputs.append(kind(task.kind, task=task.name).output_spec(task.name, task.channels, size))
+    return ModelIOSpec(inputs=(image,), outputs=tuple(outputs))
