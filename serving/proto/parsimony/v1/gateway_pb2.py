@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aparsimony/v1/gateway.proto\x12\x0cparsimony.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.parsimony.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xca\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\rencoded_image\x18\x02 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.parsimony.v1.TensorH\x00\x12\r\n\x05tasks\x18\x04 \x03(\t\x12,\n\x0coutput_dtype\x18\x05 \x01(\x0e\x32\x16.parsimony.v1.DataType\x12\"\n\x1asegmentation_probabilities\x18\x06 \x01(\x08\x42\x07\n\x05input\"\xe6\x01\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12;\n\x07outputs\x18\x03 \x03(\x0b\x32*.parsimony.v1.PredictResponse.OutputsEntry\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.parsimony.v1.Timings\x1aH\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.parsimony.v1.TaskOutput:\x02\x38\x01\"\xc8\x01\n\nTaskOutput\x12\x32\n\x0csegmentation\x18\x01 \x01(\x0b\x32\x1a.parsimony.v1.SegmentationH\x00\x12$\n\x05\x64\x65pth\x18\x02 \x01(\x0b\x32\x13.parsimony.v1.DepthH\x00\x12&\n\x06normal\x18\x03 \x01(\x0b\x32\x14.parsimony.v1.NormalH\x00\x12.\n\nattributes\x18\x04 \x01(\x0b\x32\x18.parsimony.v1.AttributesH\x00\x42\x08\n\x06output\"d\n\x0cSegmentation\x12\'\n\tclass_map\x18\x01 \x01(\x0b\x32\x14.parsimony.v1.Tensor\x12+\n\rprobabilities\x18\x02 \x01(\x0b\x32\x14.parsimony.v1.Tensor\",\n\x05\x44\x65pth\x12#\n\x05\x64\x65pth\x18\x01 \x01(\x0b\x32\x14.parsimony.v1.Tensor\".\n\x06Normal\x12$\n\x06normal\x18\x01 \x01(\x0b\x32\x14.parsimony.v1.Tensor\"\x86\x01\n\nAttributes\x12\x42\n\rprobabilities\x18\x01 \x03(\x0b\x32+.parsimony.v1.Attributes.ProbabilitiesEntry\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x99\x01\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.parsimony.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xd3\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.parsimony.v1.InputInfo\x12%\n\x05tasks\x18\x06 \x03(\x0b\x32\x16.parsimony.v1.TaskInfo\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x12\n\nparameters\x18\x08 \x01(\x03\x12\x0c\n\x04macs\x18\t \x01(\x03\"^\n\tInputInfo\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\x12\r\n\x05\x63olor\x18\x04 \x01(\t\x12\x11\n\tencodings\x18\x05 \x03(\t\"\x87\x01\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x17\n\x0f\x61ttribute_names\x18\x05 \x03(\t\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12\x11\n\tsemantics\x18\x07 \x01(\t*U\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\t\n\x05UINT8\x10\x03\x12\t\n\x05INT32\x10\x04\x32\xf0\x01\n\x11PredictionService\x12\x46\n\x07Predict\x12\x1c.parsimony.v1.PredictRequest\x1a\x1d.parsimony.v1.PredictResponse\x12O\n\nListModels\x12\x1f.parsimony.v1.ListModelsRequest\x1a .parsimony.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.parsimony.v1.GetModelRequest\x1a\x17.parsimony.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aparsimony/v1/gateway.proto\x12\x0cparsimony.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.parsimony.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe1\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\rencoded_image\x18\x02 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.parsimony.v1.TensorH\x00\x12\r\n\x05tasks\x18\x04 \x03(\t\x12,\n\x0coutput_dtype\x18\x05 \x01(\x0e\x32\x16.parsimony.v1.DataType\x12\"\n\x1asegmentation_probabilities\x18\x06 \x01(\x08\x12\x15\n\rprobabilities\x18\x07 \x01(\x08\x42\x07\n\x05input\"\xe6\x01\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12;\n\x07outputs\x18\x03 \x03(\x0b\x32*.parsimony.v1.PredictResponse.OutputsEntry\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.parsimony.v1.Timings\x1aH\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.parsimony.v1.TaskOutput:\x02\x38\x01\"\xee\x01\n\nTaskOutput\x12\x32\n\x0csegmentation\x18\x01 \x01(\x0b\x32\x1a.parsimony.v1.SegmentationH\x00\x12$\n\x05\x64\x65pth\x18\x02 \x01(\x0b\x32\x13.parsimony.v1.DepthH\x00\x12&\n\x06normal\x18\x03 \x01(\x0b\x32\x14.parsimony.v1.NormalH\x00\x12.\n\nattributes\x18\x04 \x01(\x0b\x32\x18.parsimony.v1.AttributesH\x00\x12$\n\x05\x65\x64ges\x18\x05 \x01(\x0b\x32\x13.parsimony.v1.EdgesH\x00\x42\x08\n\x06output\"d\n\x0cSegmentation\x12\'\n\tclass_map\x18\x01 \x01(\x0b\x32\x14.parsimony.v1.Tensor\x12+\n\rprobabilities\x18\x02 \x01(\x0b\x32\x14.parsimony.v1.Tensor\",\n\x05\x44\x65pth\x12#\n\x05\x64\x65pth\x18\x01 \x01(\x0b\x32\x14.parsimony.v1.Tensor\".\n\x06Normal\x12$\n\x06normal\x18\x01 \x01(\x0b\x32\x14.parsimony.v1.Tensor\"\x86\x01\n\nAttributes\x12\x42\n\rprobabilities\x18\x01 \x03(\x0b\x32+.parsimony.v1.Attributes.ProbabilitiesEntry\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\\\n\x05\x45\x64ges\x12&\n\x08\x65\x64ge_map\x18\x01 \x01(\x0b\x32\x14.parsimony.v1.Tensor\x12+\n\rprobabilities\x18\x02 \x01(\x0b\x32\x14.parsimony.v1.Tensor\"\x99\x01\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.parsimony.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xd3\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12&\n\x05input\x18\x05 \x01(\x0b\x32\x17.parsimony.v1.InputInfo\x12%\n\x05tasks\x18\x06 \x03(\x0b\x32\x16.parsimony.v1.TaskInfo\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x12\n\nparameters\x18\x08 \x01(\x03\x12\x0c\n\x04macs\x18\t \x01(\x03\"^\n\tInputInfo\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\x12\r\n\x05\x63olor\x18\x04 \x01(\t\x12\x11\n\tencodings\x18\x05 \x03(\t\"\x87\x01\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x17\n\x0f\x61ttribute_names\x18\x05 \x03(\t\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12\x11\n\tsemantics\x18\x07 \x01(\t*U\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\t\n\x05UINT8\x10\x03\x12\t\n\x05INT32\x10\x04\x32\xf0\x01\n\x11PredictionService\x12\x46\n\x07Predict\x12\x1c.parsimony.v1.PredictRequest\x1a\x1d.parsimony.v1.PredictResponse\x12O\n\nListModels\x12\x1f.parsimony.v1.ListModelsRequest\x1a .parsimony.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.parsimony.v1.GetModelRequest\x1a\x17.parsimony.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,42 +35,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_ATTRIBUTES_PROBABILITIESENTRY']._loaded_options = None
   _globals['_ATTRIBUTES_PROBABILITIESENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=1817
-  _globals['_DATATYPE']._serialized_end=1902
+  _globals['_DATATYPE']._serialized_start=1972
+  _globals['_DATATYPE']._serialized_end=2057
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=120
   _globals['_PREDICTREQUEST']._serialized_start=123
-  _globals['_PREDICTREQUEST']._serialized_end=325
-  _globals['_PREDICTRESPONSE']._serialized_start=328
-  _globals['_PREDICTRESPONSE']._serialized_end=558
-  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=486
-  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=558
-  _globals['_TASKOUTPUT']._serialized_start=561
-  _globals['_TASKOUTPUT']._serialized_end=761
-  _globals['_SEGMENTATION']._serialized_start=763
-  _globals['_SEGMENTATION']._serialized_end=863
-  _globals['_DEPTH']._serialized_start=865
-  _globals['_DEPTH']._serialized_end=909
-  _globals['_NORMAL']._serialized_start=911
-  _globals['_NORMAL']._serialized_end=957
-  _globals['_ATTRIBUTES']._serialized_start=960
-  _globals['_ATTRIBUTES']._serialized_end=1094
-  _globals['_ATTRIBUTES_PROBABILITIESENTRY']._serialized_start=1042
-  _globals['_ATTRIBUTES_PROBABILITIESENTRY']._serialized_end=1094
-  _globals['_TIMINGS']._serialized_start=1097
-  _globals['_TIMINGS']._serialized_end=1250
-  _globals['_LISTMODELSREQUEST']._serialized_start=1252
-  _globals['_LISTMODELSREQUEST']._serialized_end=1271
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1273
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1334
-  _globals['_GETMODELREQUEST']._serialized_start=1336
-  _globals['_GETMODELREQUEST']._serialized_end=1367
-  _globals['_MODELINFO']._serialized_start=1370
-  _globals['_MODELINFO']._serialized_end=1581
-  _globals['_INPUTINFO']._serialized_start=1583
-  _globals['_INPUTINFO']._serialized_end=1677
-  _globals['_TASKINFO']._serialized_start=1680
-  _globals['_TASKINFO']._serialized_end=1815
-  _globals['_PREDICTIONSERVICE']._serialized_start=1905
-  _globals['_PREDICTIONSERVICE']._serialized_end=2145
+  _globals['_PREDICTREQUEST']._serialized_end=348
+  _globals['_PREDICTRESPONSE']._serialized_start=351
+  _globals['_PREDICTRESPONSE']._serialized_end=581
+  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=509
+  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=581
+  _globals['_TASKOUTPUT']._serialized_start=584
+  _globals['_TASKOUTPUT']._serialized_end=822
+  _globals['_SEGMENTATION']._serialized_start=824
+  _globals['_SEGMENTATION']._serialized_end=924
+  _globals['_DEPTH']._serialized_start=926
+  _globals['_DEPTH']._serialized_end=970
+  _globals['_NORMAL']._serialized_start=972
+  _globals['_NORMAL']._serialized_end=1018
+  _globals['_ATTRIBUTES']._serialized_start=1021
+  _globals['_ATTRIBUTES']._serialized_end=1155
+  _globals['_ATTRIBUTES_PROBABILITIESENTRY']._serialized_start=1103
+  _globals['_ATTRIBUTES_PROBABILITIESENTRY']._serialized_end=1155
+  _globals['_EDGES']._serialized_start=1157
+  _globals['_EDGES']._serialized_end=1249
+  _globals['_TIMINGS']._serialized_start=1252
+  _globals['_TIMINGS']._serialized_end=1405
+  _globals['_LISTMODELSREQUEST']._serialized_start=1407
+  _globals['_LISTMODELSREQUEST']._serialized_end=1426
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1428
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1489
+  _globals['_GETMODELREQUEST']._serialized_start=1491
+  _globals['_GETMODELREQUEST']._serialized_end=1522
+  _globals['_MODELINFO']._serialized_start=1525
+  _globals['_MODELINFO']._serialized_end=1736
+  _globals['_INPUTINFO']._serialized_start=1738
+  _globals['_INPUTINFO']._serialized_end=1832
+  _globals['_TASKINFO']._serialized_start=1835
+  _globals['_TASKINFO']._serialized_end=1970
+  _globals['_PREDICTIONSERVICE']._serialized_start=2060
+  _globals['_PREDICTIONSERVICE']._serialized_end=2300
 # @@protoc_insertion_point(module_scope)

@@ -31,20 +31,22 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model", "encoded_image", "tensor", "tasks", "output_dtype", "segmentation_probabilities")
+    __slots__ = ("model", "encoded_image", "tensor", "tasks", "output_dtype", "segmentation_probabilities", "probabilities")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENCODED_IMAGE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     SEGMENTATION_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     model: str
     encoded_image: bytes
     tensor: Tensor
     tasks: _containers.RepeatedScalarFieldContainer[str]
     output_dtype: DataType
     segmentation_probabilities: bool
-    def __init__(self, model: _Optional[str] = ..., encoded_image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., tasks: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., segmentation_probabilities: _Optional[bool] = ...) -> None: ...
+    probabilities: bool
+    def __init__(self, model: _Optional[str] = ..., encoded_image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., tasks: _Optional[_Iterable[str]] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., segmentation_probabilities: _Optional[bool] = ..., probabilities: _Optional[bool] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model", "model_version", "outputs", "timings")
@@ -66,16 +68,18 @@ class PredictResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_version: _Optional[int] = ..., outputs: _Optional[_Mapping[str, TaskOutput]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class TaskOutput(_message.Message):
-    __slots__ = ("segmentation", "depth", "normal", "attributes")
+    __slots__ = ("segmentation", "depth", "normal", "attributes", "edges")
     SEGMENTATION_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     NORMAL_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
     segmentation: Segmentation
     depth: Depth
     normal: Normal
     attributes: Attributes
-    def __init__(self, segmentation: _Optional[_Union[Segmentation, _Mapping]] = ..., depth: _Optional[_Union[Depth, _Mapping]] = ..., normal: _Optional[_Union[Normal, _Mapping]] = ..., attributes: _Optional[_Union[Attributes, _Mapping]] = ...) -> None: ...
+    edges: Edges
+    def __init__(self, segmentation: _Optional[_Union[Segmentation, _Mapping]] = ..., depth: _Optional[_Union[Depth, _Mapping]] = ..., normal: _Optional[_Union[Normal, _Mapping]] = ..., attributes: _Optional[_Union[Attributes, _Mapping]] = ..., edges: _Optional[_Union[Edges, _Mapping]] = ...) -> None: ...
 
 class Segmentation(_message.Message):
     __slots__ = ("class_map", "probabilities")
@@ -109,6 +113,14 @@ class Attributes(_message.Message):
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     probabilities: _containers.ScalarMap[str, float]
     def __init__(self, probabilities: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class Edges(_message.Message):
+    __slots__ = ("edge_map", "probabilities")
+    EDGE_MAP_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    edge_map: Tensor
+    probabilities: Tensor
+    def __init__(self, edge_map: _Optional[_Union[Tensor, _Mapping]] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms", "total_ms", "batch_size")
