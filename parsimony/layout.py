@@ -8,7 +8,8 @@ A run directory (``python -m training.run``)::
     RUN/history.jsonl          one line per epoch
     RUN/checkpoint-{last,best,final}.pt
     RUN/compact/               the compacted model (config.json, model.safetensors, plan.json)
-    RUN/compact/model.onnx     the exported graph, with RUN/compact/manifest.json beside it
+    RUN/model.onnx             the exported graph of RUN/compact (``python -m training.export``)
+    RUN/manifest.json          what that graph computes and how it was made
 
 A model repository (``python -m serving.convert``), as Triton reads it::
 

@@ -17,9 +17,10 @@ SPINNING: dict[str, tuple[str, str]] = {
 CPU = ("CPUExecutionProvider",)
 
 
-def session_options(threads: int = 0, spinning: str = "always"):
+def session_options(threads: int = 0, spinning: str = "always", profile: str | Path | None = None):
     """``threads`` intra-op threads (0: one per physical core), one inter-op thread, ``spinning`` a
-    key of `SPINNING`, warnings and errors only in the log."""
+    key of `SPINNING`, warnings and errors only in the log; with ``profile`` (a file name prefix)
+    ONNX Runtime's profiler records every run (``session.end_profiling()`` returns the trace's path)."""
     import onnxruntime as ort
 
     if spinning not in SPINNING:
@@ -31,13 +32,16 @@ def session_options(threads: int = 0, spinning: str = "always"):
     allow, stop = SPINNING[spinning]
     options.add_session_config_entry("session.intra_op.allow_spinning", allow)
     options.add_session_config_entry("session.force_spinning_stop", stop)
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile)
     return options
 
 
 def session(model: str | Path | bytes, *, threads: int = 0, spinning: str = "always",
-            providers: Sequence[str] = CPU):
+            providers: Sequence[str] = CPU, profile: str | Path | None = None):
     """An ``onnxruntime.InferenceSession`` over a file or serialized graph, configured as above."""
     import onnxruntime as ort
 
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, session_options(threads, spinning), providers=list(providers))
+    return ort.InferenceSession(source, session_options(threads, spinning, profile), providers=list(providers))
