@@ -1,4 +1,5 @@
-# Set-up and entry points. `make demo` and `make test` each create the environment when needed.
+# Set-up and entry points. `make demo` and `make test` each create the environment when needed: one
+# venv with every role's extra (pip install -e '.[dev]' = train, serve, client and the test tools).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ TRITON_VENV ?= .venv-triton
 TRITON_SPEC ?= nvidia-pytriton==0.7.0 'numpy<2' 'onnxruntime>=1.18'
 PYTEST_ARGS ?=
 
-.PHONY: venv triton-venv demo test test-all deploy-check lint bench bench-triton bench-gateway bench-triton-gateway gpu-check proto clean
+.PHONY: venv triton-venv demo test test-all deploy-check lint bench bench-triton bench-gateway bench-triton-gateway bench-footprint gpu-check proto clean
 
 venv: $(VENV)/.installed
 
@@ -31,7 +32,7 @@ $(TRITON_VENV)/.installed:
 demo: venv
 	rm -rf runs/demo
 	$(PY) -m training.run --config configs/demo.yaml
-	$(PY) -m serving.demo --run runs/demo --repository model_repository --name demo
+	$(PY) -m training.demo --run runs/demo --repository model_repository --name demo
 
 # the fast tier (under 10 minutes on 2 cores): everything but the `slow`-marked long checks;
 # `gpu`-marked tests skip themselves without CUDA
@@ -48,7 +49,7 @@ deploy-check: venv
 	$(PY) -m pytest -q tests/test_deploy*.py $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check training serving clients tests benchmarks
+	$(VENV)/bin/ruff check parsimony training serving clients tests benchmarks
 
 bench: venv
 	$(PY) -m benchmarks.train_throughput
@@ -61,6 +62,12 @@ bench-gateway: venv
 
 bench-triton-gateway: venv triton-venv
 	$(PY) -m benchmarks.triton_gateway
+
+# installed size of each role's venv, the gateway's start-to-ready time and peak RSS against BEFORE
+# (a git revision, run with the full venv); builds the venvs under runs/footprint
+BEFORE ?= 3115934
+bench-footprint: venv
+	$(PY) -m benchmarks.footprint --before $(BEFORE)
 
 # every GPU measurement in one call (training on CUDA with AMP, torchrun/nccl, CUDA compaction and
 # proximal-step benchmarks, ORT's CUDA provider, the gpu-marked tests); report in runs/gpu-check.

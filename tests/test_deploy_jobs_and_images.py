@@ -154,8 +154,19 @@ def test_gateway_image_exposes_the_servers_default_ports_with_a_health_check():
 def test_torch_pin_of_the_images_follows_the_makefile():
     makefile = (ROOT / "Makefile").read_text()
     pin = re.search(r"^TORCH_SPEC \?= (.+)$", makefile, re.M).group(1).strip()
-    for name in ("gateway", "trainer", "engine-builder"):
+    for name in ("trainer",):
         assert f'ARG TORCH_SPEC="{pin}"' in (DOCKER / f"{name}.Dockerfile").read_text(), name
+
+
+@pytest.mark.parametrize(("name", "extra"), [("gateway", "serve"), ("engine-builder", "serve"), ("trainer", "train")])
+def test_each_image_installs_its_roles_extra_and_only_the_serving_ones_go_without_torch(name, extra):
+    steps = instructions(name)
+    runs = " ".join(arg for kind, arg in steps if kind == "RUN")
+    assert f"'.[{extra}]'" in runs and f"'parsimony[{extra}]'" in runs, f"{name}: installs the {extra} extra"
+    if extra == "serve":
+        text = (DOCKER / f"{name}.Dockerfile").read_text()
+        assert "TORCH" not in text and "torch" not in runs, f"{name}: the serving images install no PyTorch"
+        assert ("COPY", "training training") not in steps, f"{name}: the serving images hold no training code"
 
 
 # --- the README's guide ---------------------------------------------------------------------------------

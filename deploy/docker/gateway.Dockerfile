@@ -3,33 +3,29 @@
 #
 #   docker build -f deploy/docker/gateway.Dockerfile -t REGISTRY/parsimony-gateway:0.1.0 .
 #
-# Slim: python's slim base and PyTorch's CPU-only wheels. The gateway never imports torch (a test checks
-# it), but the parsimony package depends on it, so pip installs it: the CPU-only build, as the CUDA
-# build would add about 5 GB. Runs as uid 10001
-# with nothing written outside /tmp, so Kubernetes can mount the root file system read-only.
-# Built with BuildKit (Docker 23+ or `docker buildx build`); the context is the repository root,
-# filtered by its .dockerignore.
+# Slim: python's slim base and the serve extra only (`pip install '.[serve]'`: the contract package,
+# ONNX Runtime, gRPC, FastAPI/uvicorn, the Triton client; no PyTorch, which the gateway never imports,
+# a test checks it). Only parsimony/ and serving/ are copied, so the wheel holds no training code.
+# Runs as uid 10001 with nothing written outside /tmp, so Kubernetes can mount the root file system
+# read-only. Built with BuildKit (Docker 23+ or `docker buildx build`); the context is the repository
+# root, filtered by its .dockerignore.
 ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS wheels
-ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-RUN pip wheel --wheel-dir /wheels --index-url "$TORCH_INDEX" $TORCH_SPEC \
- && printf '%s\n' $TORCH_SPEC > /constraints.txt
 COPY pyproject.toml README.md ./
-COPY training training
+COPY parsimony parsimony
 COPY serving serving
-RUN pip wheel --wheel-dir /wheels --find-links /wheels --constraint /constraints.txt .
+RUN pip wheel --wheel-dir /wheels '.[serve]'
 
 FROM ${PYTHON_IMAGE} AS gateway
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels parsimony \
+    pip install --no-index --find-links /wheels 'parsimony[serve]' \
  && groupadd --system --gid 10001 parsimony \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --shell /usr/sbin/nologin parsimony
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp MPLCONFIGDIR=/tmp/matplotlib
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 50051 8080

@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The trainer: `torchrun -m training.run` on GPU nodes (the PyTorchJob in deploy/k8s/training).
+# The trainer: `torchrun -m training.run` on GPU nodes (the PyTorchJob in deploy/k8s/training): the
+# contract package and training/ with the train extra (`pip install '.[train]'`), no serving code.
 #
 #   docker build -f deploy/docker/trainer.Dockerfile -t REGISTRY/parsimony-trainer:0.1.0 .
 #
@@ -18,14 +19,14 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN printf '%s\n' $TORCH_SPEC > /constraints.txt
 COPY pyproject.toml README.md ./
+COPY parsimony parsimony
 COPY training training
-COPY serving serving
-RUN pip wheel --wheel-dir /wheels --constraint /constraints.txt . $TORCH_SPEC
+RUN pip wheel --wheel-dir /wheels --constraint /constraints.txt '.[train]' $TORCH_SPEC
 
 FROM ${PYTHON_IMAGE} AS trainer
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels parsimony \
+    pip install --no-index --find-links /wheels 'parsimony[train]' \
  && groupadd --system --gid 10001 parsimony \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --shell /usr/sbin/nologin parsimony
 COPY configs /app/configs
