@@ -9,6 +9,7 @@ Library (numpy arrays and dicts in and out, never protobuf; gRPC or HTTP; sync o
         p = client.predict("scenes", "image.png", timeout=2.0)
         p.outputs["segmentation"]                        # uint8 [H, W] class indices
         p.outputs["depth"], p.timings["inference_ms"]    # float32 [H, W] metres; server-side ms
+        client.predict("scenes", "image.png", probabilities=True).probabilities  # softmax, edge probabilities
 
 `AsyncClient` has the same methods as coroutines. Calls retry UNAVAILABLE with exponential backoff
 and jitter (`RetryPolicy`) within their deadline and raise `ClientError` (``.code``: the gRPC status
@@ -16,9 +17,10 @@ name) otherwise. `TLS` holds certificate options.
 
 Commands:
 
-- ``python -m clients.predict IMAGE... --server HOST:PORT [--http] [--out DIR]``: coloured
-  segmentation with a legend, colour-mapped depth with its range, normals and attribute JSON per
-  image, and the server's per-stage latencies (`clients.predict`).
+- ``python -m clients.predict IMAGE... --server HOST:PORT [--http] [--out DIR]``: a picture per
+  task of each image, drawn as the task's kind says (coloured classes with a legend, a colour-mapped
+  map with its range, normals; attribute scores as JSON), and the server's per-stage latencies
+  (`clients.predict`).
 - ``python -m clients.load --server HOST:PORT --concurrency C --duration S [--rate R] [--json]``:
   closed- or open-loop load and its latency/throughput/error report; `clients.loadgen.run_load`
   gives the same report as a dict to other programs.

@@ -29,20 +29,13 @@ from grpc_health.v1 import health_pb2
 from PIL import Image
 
 from clients.errors import ClientError
-from clients.types import (
-    PB_DTYPES,
-    model_from_dict,
-    model_from_proto,
-    prediction_from_json,
-    prediction_from_proto,
-)
+from clients.types import model_from_dict, model_from_proto, prediction_from_json, prediction_from_proto
+from parsimony.wire import OUTPUT_DTYPES, proto_dtype_name, sniff_encoding, to_wire, wire_dtype_of
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 
 ImageInput = str | os.PathLike | bytes | np.ndarray | Image.Image
 SERVICE = "/parsimony.v1.PredictionService/"
 HEALTH = "/grpc.health.v1.Health/Check"
-OUTPUT_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16}
-_MIME = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
 
 
 @dataclass(frozen=True)
@@ -71,7 +64,8 @@ class RawImage:
 
     @property
     def mime(self) -> str:
-        return next((m for magic, m in _MIME.items() if self.encoded.startswith(magic)), "application/octet-stream")
+        encoding = sniff_encoding(self.encoded)
+        return f"image/{encoding}" if encoding else "application/octet-stream"
 
 
 def raw_image(image: ImageInput) -> RawImage:
@@ -93,29 +87,36 @@ def raw_image(image: ImageInput) -> RawImage:
 
 
 def predict(model: str, image: ImageInput, tasks: Sequence[str] | None = None, output_dtype: str = "float32",
-            segmentation_probabilities: bool = False) -> Call:
+            probabilities: bool = False) -> Call:
+    """``probabilities``: also return every task's optional probability map (segmentation softmax,
+    edge probabilities, ...). The older segmentation-only flag is sent along with it, so a gateway
+    that predates the general flag still returns segmentation probabilities."""
     if output_dtype not in OUTPUT_DTYPES:
         raise ValueError(f"output_dtype must be one of {list(OUTPUT_DTYPES)}, got {output_dtype!r}")
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
     tasks = list(tasks or ())
     raw = raw_image(image)
-    request = pb.PredictRequest(model=model, tasks=tasks, output_dtype=OUTPUT_DTYPES[output_dtype],
-                                segmentation_probabilities=segmentation_probabilities)
+    request = pb.PredictRequest(model=model, tasks=tasks, output_dtype=_proto_dtype(output_dtype),
+                                probabilities=probabilities, segmentation_probabilities=probabilities)
+    flags = {"segmentation_probabilities": probabilities} | ({"probabilities": True} if probabilities else {})
     if raw.encoded is not None:
         request.encoded_image = raw.encoded
-        options = {"output_dtype": output_dtype, "segmentation_probabilities": str(segmentation_probabilities).lower()}
+        options = {"output_dtype": output_dtype} | {k: str(v).lower() for k, v in flags.items()}
         http_args = {"content": raw.encoded, "headers": {"Content-Type": raw.mime},
                      "params": options | ({"tasks": ",".join(tasks)} if tasks else {})}
     else:
-        t = raw.tensor
-        request.tensor.CopyFrom(pb.Tensor(dtype=PB_DTYPES[t.dtype.name], shape=t.shape, data=t.tobytes()))
-        wire = {"dtype": t.dtype.name, "shape": list(t.shape), "data": base64.b64encode(t.tobytes()).decode()}
-        http_args = {"json": {"tensor": wire, "tasks": tasks, "output_dtype": output_dtype,
-                              "segmentation_probabilities": segmentation_probabilities}}
+        t, data = raw.tensor, to_wire(raw.tensor)
+        request.tensor.CopyFrom(pb.Tensor(dtype=_proto_dtype(wire_dtype_of(t)), shape=t.shape, data=data))
+        wire = {"dtype": wire_dtype_of(t), "shape": list(t.shape), "data": base64.b64encode(data).decode()}
+        http_args = {"json": {"tensor": wire, "tasks": tasks, "output_dtype": output_dtype} | flags}
     return Call("Predict", SERVICE + "Predict", request, pb.PredictResponse, prediction_from_proto,
                 "POST", f"/v1/models/{quote(model, safe='')}:predict", lambda r: prediction_from_json(r.json()),
                 http_args=http_args)
+
+
+def _proto_dtype(dtype: str) -> int:
+    return pb.DataType.Value(proto_dtype_name(dtype))
 
 
 def list_models() -> Call:

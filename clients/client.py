@@ -64,10 +64,13 @@ class _Methods:
         return f"{type(self).__name__}({self.endpoint.url!r}, protocol={self.protocol!r})"
 
     def predict(self, model: str, image: ImageInput, *, tasks: Sequence[str] | None = None,
-                output_dtype: str = "float32", segmentation_probabilities: bool = False,
-                timeout: float | None = None) -> Prediction:
-        """Every task's output (or ``tasks``') for one image of exactly the model's input size."""
-        return self._call(calls.predict(model, image, tasks, output_dtype, segmentation_probabilities), timeout)
+                output_dtype: str = "float32", probabilities: bool = False,
+                segmentation_probabilities: bool = False, timeout: float | None = None) -> Prediction:
+        """Every task's output (or ``tasks``') for one image of exactly the model's input size; with
+        ``probabilities`` (or its older name ``segmentation_probabilities``) also each task's optional
+        probability map, in `Prediction.probabilities`."""
+        call = calls.predict(model, image, tasks, output_dtype, probabilities or segmentation_probabilities)
+        return self._call(call, timeout)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         return self._call(calls.list_models(), timeout)

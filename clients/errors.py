@@ -7,16 +7,9 @@ wrong and how to fix it); failures on the client's side of the wire map as the g
 them: nothing listening or the connection dropped -> UNAVAILABLE, the deadline passed ->
 DEADLINE_EXCEEDED.
 
-| HTTP status              | code               |
-|--------------------------|--------------------|
-| 400, 413, 415, 422       | INVALID_ARGUMENT   |
-| 404                      | NOT_FOUND          |
-| 429                      | RESOURCE_EXHAUSTED |
-| 499                      | CANCELLED          |
-| 500                      | INTERNAL           |
-| 501                      | UNIMPLEMENTED      |
-| 502, 503                 | UNAVAILABLE        |
-| 504                      | DEADLINE_EXCEEDED  |
+An HTTP error status whose body names no gRPC code (a proxy's page, an empty body) maps through
+`parsimony.wire.HTTP_TO_GRPC`, the table the gateway answers by (e.g. 413 -> INVALID_ARGUMENT,
+502 and 503 -> UNAVAILABLE); a status nothing maps is UNKNOWN.
 """
 
 from __future__ import annotations
@@ -24,11 +17,9 @@ from __future__ import annotations
 import grpc
 import httpx
 
+from parsimony.wire import grpc_name_for_http
+
 GRPC_CODES = frozenset(code.name for code in grpc.StatusCode)
-_HTTP_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-               413: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
-               429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
-               502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
 class ClientError(Exception):
@@ -65,7 +56,7 @@ def from_http(response: httpx.Response) -> ClientError:
         body_code, message = str(error.get("code", "")), str(error.get("message", message))
     except (ValueError, AttributeError):
         pass  # not the gateway's JSON (a proxy's page, an empty body): keep the text
-    code = body_code if body_code in GRPC_CODES else _HTTP_CODES.get(status, "UNKNOWN")
+    code = body_code if body_code in GRPC_CODES else grpc_name_for_http(status)
     return ClientError(code, message or f"HTTP {status} {response.reason_phrase}", http_status=status)
 
 

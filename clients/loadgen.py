@@ -45,7 +45,8 @@ from clients.cli import choose_model
 from clients.client import AsyncClient
 from clients.errors import ClientError
 from clients.retry import NO_RETRY
-from clients.types import STAGES, ModelInfo, Prediction
+from clients.types import ModelInfo, Prediction
+from parsimony.wire import STAGE_FIELDS
 
 ARRIVALS = ("poisson", "uniform")
 Progress = Callable[[dict], None]
@@ -68,7 +69,7 @@ class Recorder:
 
     def ok(self, latency_ms: float, p: Prediction) -> None:
         self.latencies_ms.append(latency_ms)
-        for stage in STAGES:
+        for stage in STAGE_FIELDS:
             self.stages[stage].append(p.timings[stage])
         self.batch_sizes.append(p.batch_size)
         self.version = p.version

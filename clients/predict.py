@@ -1,14 +1,15 @@
 """``python -m clients.predict IMAGE... --server HOST:PORT [--http] [--tasks a,b] [--out DIR]``
 
 Sends each image to the gateway and writes, in ``--out`` (default ``predictions/``), one file per
-task named after the image's stem and the task:
+task named after the image's stem and the task, ``STEM.TASK.png``, drawn as the task's kind
+says (`parsimony.tasks`):
 
-| task kind    | file                  | what                                                         |
-|--------------|-----------------------|--------------------------------------------------------------|
-| segmentation | ``STEM.TASK.png``     | palette colours, legend of class names with their pixel share |
-| depth        | ``STEM.TASK.png``     | viridis over the map's range, colour bar labelled in metres   |
-| normal       | ``STEM.TASK.png``     | RGB = (n + 1) / 2                                             |
-| attributes   | ``STEM.TASK.json``    | ``{attribute name: probability}``                            |
+| picture | e.g. kind    | what                                                           |
+|---------|--------------|----------------------------------------------------------------|
+| classes | segmentation | palette colours, legend of class names with their pixel share  |
+| scalar  | depth        | viridis over the map's range, colour bar labelled in its unit  |
+| vector  | normal       | RGB = (v + 1) / 2                                              |
+| scores  | attributes   | ``STEM.TASK.json`` instead: ``{attribute name: probability}``  |
 
 (see `clients.visualize`), and prints, per image, the client's round-trip time and the latency of
 each stage as the server reported it. PNG and JPEG files go to the server as they are; other
@@ -21,18 +22,16 @@ any image failed (the others are still written), 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 from clients import visualize
 from clients.cli import add_connection_args, choose_model, configure_logging, connection_options, load_image
 from clients.client import Client
 from clients.errors import ClientError
 from clients.types import ModelInfo, Prediction
+from parsimony.tasks import kind
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default %(default)s)")
     parser.add_argument("--resize", action="store_true",
                         help="resize images of another size to the model's input (bilinear, aspect ratio not kept)")
-    parser.add_argument("--float16", action="store_true", help="ask for float16 depth and normals (half the bytes)")
+    parser.add_argument("--float16", action="store_true", help="ask for float16 float maps (depth, normals; half the bytes)")
     args = parser.parse_args(argv)
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:  # before connecting: a typo should not read as a server problem
@@ -55,36 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def write_outputs(p: Prediction, info: ModelInfo, stem: str, out: Path) -> dict[str, str]:
-    """One file per task; returns task -> a one-line description of what was written."""
+    """One file per task, drawn as its kind's picture says; returns task -> a one-line description
+    of what was written."""
     written = {}
     for task, value in p.outputs.items():
-        kind = p.kinds[task]
-        if kind == "attributes":
-            value = {name: value[name] for name in info.task(task).attribute_names if name in value} | value
-            path = out / f"{stem}.{task}.json"
-            path.write_text(json.dumps(value, indent=2) + "\n")
-            written[task] = f"{path} ({', '.join(f'{k} {v:.2f}' for k, v in value.items())})"
-            continue
-        path = out / f"{stem}.{task}.png"
-        text: dict[str, object] = {"task": task, "kind": kind, "scale": visualize.scale_for(value.shape[-2])}
-        if kind == "segmentation":
-            names = info.task(task).class_names
-            image = visualize.segmentation_image(value, names)
-            text["classes"] = list(names)
-            counts = np.bincount(value.ravel(), minlength=len(names)) / value.size
-            top = ", ".join(f"{names[c] if c < len(names) else c} {100 * counts[c]:.0f}%"
-                            for c in np.argsort(-counts)[:3] if counts[c] > 0)
-            written[task] = f"{path} ({len(names)} classes; most pixels: {top})"
-        elif kind == "depth":
-            lo, hi = visualize.depth_range(value)
-            image = visualize.depth_image(value)
-            text |= {"depth_min_m": lo, "depth_max_m": hi}
-            written[task] = f"{path} ({lo:.3g} to {hi:.3g} m)"
-        else:
-            image = visualize.normal_image(value)
-            mean = value.reshape(3, -1).mean(axis=1)
-            written[task] = f"{path} (mean direction x {mean[0]:+.2f}, y {mean[1]:+.2f}, z {mean[2]:+.2f})"
-        visualize.save_png(image, path, text)
+        picture = kind(p.kinds[task], task=task).picture(info.task(task), value)
+        path = visualize.write(picture, out / f"{stem}.{task}", {"task": task, "kind": p.kinds[task]})
+        written[task] = f"{path} ({picture.summary})"
     return written
 
 

@@ -1,37 +1,37 @@
 """What client calls return: plain dataclasses of numpy arrays, dicts and strings, never protobuf.
 
-A `Prediction` holds one output per returned task in ``outputs``, typed by the task's kind
-(``kinds[task]``):
+A `Prediction` holds one output per returned task in ``outputs``: the primary field of the task's
+kind (``kinds[task]``; `parsimony.tasks` describes every kind), e.g. a segmentation task's
+``[H, W]`` class indices into `TaskInfo.class_names`, a depth task's ``[H, W]`` metres, an
+attributes task's ``{attribute name: probability}``. ``probabilities[task]`` holds the kind's
+optional probability map when it was asked for (``probabilities=True``), ``fields[task]`` every
+field the server sent for the task, and ``timings`` the server's milliseconds per stage
+(``decode_ms`` ... ``total_ms``, `parsimony.wire.STAGE_FIELDS`) with the ``batch_size`` the
+request rode in. The same types come back over gRPC and HTTP.
 
-| kind           | ``outputs[task]``                                  |
-|----------------|----------------------------------------------------|
-| segmentation   | ``[H, W]`` class indices (uint8; int32 beyond 256 classes) into `TaskInfo.class_names` |
-| depth          | ``[H, W]`` metres, float32 (float16 when asked for) |
-| normal         | ``[3, H, W]`` unit vectors, camera frame (x right, y down, z forward) |
-| attributes     | ``{attribute name: probability}``                  |
-
-plus ``probabilities[task]`` (``[C, H, W]`` softmax) for segmentation tasks when
-``segmentation_probabilities=True``, and the server's ``timings`` (milliseconds per stage:
-``decode_ms``, ``preprocess_ms``, ``queue_ms``, ``inference_ms``, ``postprocess_ms``, ``total_ms``)
-with the ``batch_size`` the request rode in. The same types come back over gRPC and HTTP; the
-converters from each protocol's answer live here so that sync and async clients share them.
+Both protocols carry a task's answer as the fields of its kind (the proto's ``TaskOutput`` message
+of that kind; the JSON object with ``"kind"``), each a tensor or a ``{name: float}`` map, so one
+generic decoder here reads every kind, including ones added after this module was written.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
 
+from clients.errors import ClientError
+from parsimony.tasks import Kind, TaskInfo, UnknownKind, kind
+from parsimony.wire import STAGE_FIELDS, from_wire
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 
-STAGES = ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms", "total_ms")
-DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "uint8": np.dtype("u1"), "int32": np.dtype("<i4")}
-PB_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "uint8": pb.UINT8, "int32": pb.INT32}
-_PB_NAMES = {v: k for k, v in PB_DTYPES.items()}
-_TENSOR_FIELDS = {"segmentation": "class_map", "depth": "depth", "normal": "normal"}
+__all__ = ["ModelInfo", "Output", "Prediction", "TaskInfo", "model_from_dict", "model_from_proto",
+           "prediction_from_json", "prediction_from_proto"]
 
 Output = np.ndarray | dict[str, float]
 
@@ -45,17 +45,7 @@ class Prediction:
     timings: dict[str, float]
     batch_size: int
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    name: str
-    kind: str  # segmentation | depth | normal | attributes
-    channels: int
-    class_names: tuple[str, ...] = ()
-    attribute_names: tuple[str, ...] = ()
-    unit: str = ""
-    semantics: str = ""
+    fields: dict[str, dict[str, Output]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,25 +75,27 @@ class ModelInfo:
         raise KeyError(f"model {self.name!r} has no task {name!r}; its tasks: {[t.name for t in self.tasks]}")
 
 
-# --- conversions ----------------------------------------------------------------------------------
+# --- model descriptions ---------------------------------------------------------------------------
 
 
-def array(dtype: str, shape, data: bytes) -> np.ndarray:
-    """A tensor from its wire form (little-endian C-order bytes); a read-only view of ``data``."""
-    return np.frombuffer(data, DTYPES[dtype]).reshape(tuple(int(n) for n in shape))
+def task_from_dict(d: Mapping[str, Any]) -> TaskInfo:
+    """A task of the API's model description; one of a kind this version does not know is kept
+    (name, kind, channels, whichever labels it has), so listing a newer server's models works."""
+    try:
+        return TaskInfo.from_dict(d)
+    except UnknownKind:
+        labels = d.get("class_names") or d.get("attribute_names") or ()
+        return TaskInfo(name=d["name"], kind=str(d.get("kind")), channels=int(d.get("channels", 0)),
+                        labels=tuple(labels), unit=d.get("unit", ""), semantics=d.get("semantics", ""))
 
 
 def model_from_dict(d: dict) -> ModelInfo:
     """A `ModelInfo` from the gateway's JSON (HTTP) or from `MessageToDict` of the proto (gRPC)."""
     inp = d.get("input", {})
-    tasks = tuple(TaskInfo(name=t["name"], kind=t["kind"], channels=int(t.get("channels", 0)),
-                           class_names=tuple(t.get("class_names", ())),
-                           attribute_names=tuple(t.get("attribute_names", ())),
-                           unit=t.get("unit", ""), semantics=t.get("semantics", ""))
-                  for t in d.get("tasks", ()))
     return ModelInfo(name=d["name"], version=int(d.get("version", 0)), ready=bool(d.get("ready", False)),
                      backend=d.get("backend", ""), height=int(inp.get("height", 0)), width=int(inp.get("width", 0)),
-                     channels=int(inp.get("channels", 0)), encodings=tuple(inp.get("encodings", ())), tasks=tasks,
+                     channels=int(inp.get("channels", 0)), encodings=tuple(inp.get("encodings", ())),
+                     tasks=tuple(task_from_dict(t) for t in d.get("tasks", ())),
                      max_batch_size=int(d.get("max_batch_size", 0)), parameters=int(d.get("parameters", 0)),
                      macs=int(d.get("macs", 0)))
 
@@ -113,42 +105,71 @@ def model_from_proto(message: pb.ModelInfo) -> ModelInfo:
                                                      always_print_fields_with_no_presence=True))
 
 
-def _assemble(model: str, version: int, tasks: dict[str, tuple[str, Output, np.ndarray | None]],
-              timings: dict) -> Prediction:
-    return Prediction(model=model, version=int(version), outputs={n: t[1] for n, t in tasks.items()},
-                      kinds={n: t[0] for n, t in tasks.items()}, timings={s: float(timings[s]) for s in STAGES},
-                      batch_size=int(timings["batch_size"]),
-                      probabilities={n: t[2] for n, t in tasks.items() if t[2] is not None})
+# --- predictions ----------------------------------------------------------------------------------
+
+
+def _owner(task: str, name: str | None) -> Kind:
+    try:
+        return kind(str(name), task=task)
+    except UnknownKind:
+        raise ClientError("UNIMPLEMENTED", f"the server answered task {task!r} with a kind this client does not "
+                          f"know ({name or 'not in its proto'}); upgrade the client, or leave the task out "
+                          f"with tasks=[...]") from None
+
+
+def _fields(task: str, owner: Kind, read: Callable[[str, str], Output | None]) -> dict[str, Output]:
+    """Every field of the kind that the answer holds (``read(name, what)``: its value or None)."""
+    values = {f.name: value for f in owner.fields if (value := read(f.name, f.what)) is not None}
+    if owner.primary not in values:
+        raise ClientError("INTERNAL", f"the server's answer for task {task!r} ({owner.name}) lacks its "
+                          f"{owner.primary!r} field; the server does not speak this client's API version")
+    return values
+
+
+def _assemble(model: str, version: int, answers: dict[str, tuple[Kind, dict[str, Output]]],
+              timings: Mapping[str, Any]) -> Prediction:
+    """The prediction of every task's fields: the primary one as its output, an optional (probability)
+    tensor, when sent, as its probabilities."""
+    probs = {task: next((values[f] for f in owner.optional_fields if isinstance(values.get(f), np.ndarray)), None)
+             for task, (owner, values) in answers.items()}
+    return Prediction(model=model, version=int(version),
+                      outputs={task: values[owner.primary] for task, (owner, values) in answers.items()},
+                      kinds={task: owner.name for task, (owner, _) in answers.items()},
+                      timings={s: float(timings[s]) for s in STAGE_FIELDS}, batch_size=int(timings["batch_size"]),
+                      probabilities={task: p for task, p in probs.items() if p is not None},
+                      fields={task: values for task, (_, values) in answers.items()})
+
+
+def _proto_field(message, name: str, what: str) -> Output | None:
+    if what == "map":
+        return {k: float(v) for k, v in getattr(message, name).items()}
+    if not message.HasField(name):
+        return None
+    t = getattr(message, name)
+    return from_wire(pb.DataType.Name(t.dtype).lower(), t.shape, t.data)  # FLOAT32 -> "float32"
+
+
+def _json_field(out: dict, name: str, what: str) -> Output | None:
+    value = out.get(name)
+    if value is None:
+        return None
+    if what == "map":
+        return {k: float(v) for k, v in value.items()}
+    return from_wire(value["dtype"], value["shape"], base64.b64decode(value["data"]))
 
 
 def prediction_from_proto(r: pb.PredictResponse) -> Prediction:
-    def tensor(t: pb.Tensor) -> np.ndarray:
-        return array(_PB_NAMES[t.dtype], t.shape, t.data)
-
-    tasks = {}
-    for name, slot in r.outputs.items():
-        kind = slot.WhichOneof("output")
-        message = getattr(slot, kind)
-        if kind == "attributes":
-            tasks[name] = (kind, dict(message.probabilities), None)
-            continue
-        probs = tensor(message.probabilities) if kind == "segmentation" and message.HasField("probabilities") else None
-        tasks[name] = (kind, tensor(getattr(message, _TENSOR_FIELDS[kind])), probs)
-    t = r.timings
-    timings = {s: getattr(t, s) for s in STAGES} | {"batch_size": t.batch_size}
-    return _assemble(r.model, r.model_version, tasks, timings)
+    answers = {}
+    for task, slot in r.outputs.items():
+        owner = _owner(task, slot.WhichOneof("output"))
+        answers[task] = (owner, _fields(task, owner, functools.partial(_proto_field, getattr(slot, owner.name))))
+    timings = {s: getattr(r.timings, s) for s in STAGE_FIELDS} | {"batch_size": r.timings.batch_size}
+    return _assemble(r.model, r.model_version, answers, timings)
 
 
 def prediction_from_json(body: dict) -> Prediction:
-    def tensor(t: dict) -> np.ndarray:
-        return array(t["dtype"], t["shape"], base64.b64decode(t["data"]))
-
-    tasks = {}
-    for name, out in body["outputs"].items():
-        kind = out["kind"]
-        if kind == "attributes":
-            tasks[name] = (kind, {k: float(v) for k, v in out["probabilities"].items()}, None)
-            continue
-        probs = out.get("probabilities") if kind == "segmentation" else None
-        tasks[name] = (kind, tensor(out[_TENSOR_FIELDS[kind]]), None if probs is None else tensor(probs))
-    return _assemble(body["model"], body["model_version"], tasks, body["timings"])
+    answers = {}
+    for task, out in body["outputs"].items():
+        owner = _owner(task, out.get("kind"))
+        answers[task] = (owner, _fields(task, owner, functools.partial(_json_field, out)))
+    return _assemble(body["model"], body["model_version"], answers, body["timings"])
