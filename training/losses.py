@@ -1,96 +1,30 @@
 """Per-task training losses and their multi-task combination.
 
-Every dense loss is a mean over the *valid* pixels of the batch (the masks of `training.tasks`:
-segmentation target outside [0, C), depth 0, normal all-zero). Each is computed as a masked sum
-divided by ``max(N_valid, 1)``: no host synchronisation, and a batch without a single valid pixel
-gives exactly 0 while keeping a ``grad_fn`` connected to the output, so ``backward()`` and DDP's
-gradient hooks still run on every rank.
+Each task's loss is its kind's (`training.kinds`). Every dense loss is a mean over the *valid*
+pixels of the batch (the masks of `training.tasks`: segmentation target outside [0, C), depth 0,
+normal all-zero, edges -1), computed as a masked sum divided by ``max(N_valid, 1)``: no host
+synchronisation, and a batch without a single valid pixel gives exactly 0 while keeping a
+``grad_fn`` connected to the output, so ``backward()`` and DDP's gradient hooks still run on
+every rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.kinds import kind_of
 from training.tasks import TaskSpec
 
 WEIGHTINGS: tuple[str, ...] = ("equal", "uncertainty")
 
 
-def _check_dense(task: TaskSpec, output: Tensor, target: Tensor, target_channels: int | None) -> None:
-    """Refuse mismatched layouts early: a silent broadcast would train on the wrong pixels."""
-    expected = (output.shape[0], *output.shape[2:]) if target_channels is None else output.shape
-    if output.dim() != 4 or tuple(target.shape) != tuple(expected):
-        raise ValueError(
-            f"task {task.name!r} ({task.kind}): output {tuple(output.shape)} and target "
-            f"{tuple(target.shape)} do not match the layouts in training.tasks"
-        )
-
-
-def _masked_mean(per_pixel: Tensor, valid: Tensor) -> Tensor:
-    """Mean of ``per_pixel`` over ``valid``; 0 (still differentiable) when nothing is valid.
-
-    ``torch.where`` rather than a product, so a NaN/inf at an invalid pixel cannot leak in.
-    """
-    total = torch.where(valid, per_pixel, torch.zeros_like(per_pixel)).sum()
-    return total / valid.sum().clamp_min(1).to(per_pixel.dtype)
-
-
-def segmentation_loss(task: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy per pixel, averaged over pixels whose target lies in [0, C)."""
-    _check_dense(task, output, target, None)
-    target = target.long()
-    valid = (target >= 0) & (target < output.shape[1])
-    safe = torch.where(valid, target, torch.full_like(target, -1))
-    per_pixel = F.cross_entropy(output, safe, ignore_index=-1, reduction="none")
-    return _masked_mean(per_pixel, valid)
-
-
-def depth_loss(task: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
-    """L1 in metres, averaged over pixels whose ground truth is non-zero."""
-    _check_dense(task, output, target, 1)
-    return _masked_mean((output - target).abs(), target != 0)
-
-
-def normal_loss(task: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
-    """1 − cosine similarity, averaged over pixels whose ground-truth vector is not all zero.
-
-    The head already emits unit vectors; normalising again costs little and keeps the loss a true
-    cosine if a head (or a compacted one) ever does not.
-    """
-    _check_dense(task, output, target, 3)
-    valid = (target != 0).any(dim=1)
-    cosine = (F.normalize(output, dim=1) * F.normalize(target, dim=1)).sum(dim=1)
-    return _masked_mean(1.0 - cosine, valid)
-
-
-def attributes_loss(task: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
-    """Binary cross-entropy on logits, mean over samples and attributes."""
-    if output.dim() != 2 or tuple(output.shape) != tuple(target.shape):
-        raise ValueError(
-            f"task {task.name!r} (attributes): output {tuple(output.shape)} and target "
-            f"{tuple(target.shape)} must both be [N, A]"
-        )
-    return F.binary_cross_entropy_with_logits(output, target.to(output.dtype))
-
-
-_LOSSES: dict[str, Callable[[TaskSpec, Tensor, Tensor], Tensor]] = {
-    "segmentation": segmentation_loss,
-    "depth": depth_loss,
-    "normal": normal_loss,
-    "attributes": attributes_loss,
-}
-
-
 def task_loss(task: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
-    """The scalar training loss of one task, chosen by its kind."""
-    if task.kind not in _LOSSES:
-        raise ValueError(f"task {task.name!r}: no loss for kind {task.kind!r}; known {sorted(_LOSSES)}")
-    return _LOSSES[task.kind](task, output, target)
+    """The scalar training loss of one task, as its kind defines it (`training.kinds`)."""
+    return kind_of(task).loss(task, output, target)
 
 
 class MultiTaskLoss(nn.Module):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from training.metrics import delta_metric_names, metric_direction, primary_metric
+from training.kinds import kind_of
+from training.metrics import metric_direction, primary_metric
 from training.tasks import TaskSpec
 
 log = logging.getLogger("training")
@@ -24,10 +25,7 @@ def log_epoch(record: dict, tasks: tuple[TaskSpec, ...], improved: bool) -> None
 def table_rows(tasks: tuple[TaskSpec, ...], model: dict, trivial: dict | None) -> list[tuple[str, ...]]:
     rows = []
     for t in tasks:
-        names = list(delta_metric_names(t))
-        if t.kind == "attributes":
-            names += ["mean_acc", "mean_f1"]
-        for name in names:
+        for name in kind_of(t).table_metric_names(t):
             arrow = "higher" if metric_direction(t.kind, name) > 0 else "lower"
             ours = model[t.name][name]
             row = [t.name, name, arrow, f"{ours:.4g}"]

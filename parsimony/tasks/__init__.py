@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from parsimony.spec import ModelIOSpec, image_spec, validate_name
 from parsimony.tasks.base import Field, FieldValue, Kind, Picture, TaskInfo
 
-__all__ = ["KINDS", "Field", "FieldValue", "Kind", "Picture", "TaskInfo", "TaskSpec", "UnknownKind", "kind",
+__all__ = ["KINDS", "Field", "FieldValue", "Kind", "Picture", "TaskInfo", "TaskSpec", "UnknownKind", "discover", "kind",
            "kind_names", "model_io_spec", "select_tasks"]
 
 KINDS: dict[str, Kind] = {}
@@ -35,20 +35,28 @@ class UnknownKind(ValueError):
 
 def _discover() -> dict[str, Kind]:
     if not KINDS:
-        for module in pkgutil.iter_modules(__path__):
-            if module.name != "base":
-                importlib.import_module(f"{__name__}.{module.name}")
-        found = {}
-        for cls in _subclasses(Kind):
-            if not getattr(cls, "__abstractmethods__", None) and "name" in cls.__dict__:
-                if cls.name in found:
-                    raise RuntimeError(f"task kind {cls.name!r} is defined twice ({found[cls.name]} and {cls})")
-                found[cls.name] = cls()
+        found = {name: cls() for name, cls in discover(__name__, __path__, Kind).items()}
         KINDS.update(sorted(found.items(), key=lambda kv: (_ORDER.get(kv[0], len(_ORDER)), kv[0])))
     return KINDS
 
 
 _ORDER = {"segmentation": 0, "depth": 1, "normal": 2, "attributes": 3}  # the order docs list them in
+
+
+def discover(package: str, path: Iterable[str], base: type) -> dict[str, type]:
+    """Import every module of ``package`` (found on ``path``) but ``base``, and return the concrete
+    subclasses of ``base`` that set ``name``, by name; a name defined twice is refused. The
+    training side finds its kind objects the same way."""
+    for module in pkgutil.iter_modules(path):
+        if module.name != "base":
+            importlib.import_module(f"{package}.{module.name}")
+    found: dict[str, type] = {}
+    for cls in _subclasses(base):
+        if not getattr(cls, "__abstractmethods__", None) and "name" in cls.__dict__:
+            if cls.name in found:
+                raise RuntimeError(f"kind {cls.name!r} is defined twice ({found[cls.name]} and {cls})")
+            found[cls.name] = cls
+    return found
 
 
 def _subclasses(cls: type) -> list[type]:

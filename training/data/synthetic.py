@@ -17,12 +17,13 @@ from torch.utils.data import Dataset
 
 from training.data import transforms
 from training.data.registry import SPLITS, DataError, DatasetSpec
+from training.kinds import kind_of
 from training.tasks import TaskSpec, select_tasks
 
 SPLIT_IDS: dict[str, int] = {name: i for i, name in enumerate(SPLITS)}
 AUTO_CACHE_LIMIT = 4096  # generated samples are cached by default up to this many per split
 AUTO_CACHE_BYTES = 1 << 30  # ... and up to this much memory
-BYTES_PER_PIXEL = 36  # upper bound of a cached sample: image, label, depth and normal maps
+BYTES_PER_PIXEL = 40  # upper bound of a cached sample: image, label, depth, normal and edge maps
 MIN_SIDE = 32
 
 # A renderer draws one sample: rng, (H, W) -> {"image": float32 (3, H, W), <task name>: numpy target}.
@@ -56,10 +57,12 @@ def resolve_cache(dataset: str, options: Mapping[str, Any], length: int, size: t
     return length <= AUTO_CACHE_LIMIT and length * size[0] * size[1] * BYTES_PER_PIXEL <= AUTO_CACHE_BYTES
 
 
-def resolve_tasks(dataset: str, available: tuple[TaskSpec, ...], names: Any) -> tuple[TaskSpec, ...]:
-    """`select_tasks`, with its error re-raised as a `DataError` naming the data set."""
+def resolve_tasks(dataset: str, available: tuple[TaskSpec, ...], names: Any,
+                  default: tuple[TaskSpec, ...] | None = None) -> tuple[TaskSpec, ...]:
+    """`select_tasks` from ``available``; ``default`` (all of ``available`` when None) when no
+    names are given. Its error is re-raised as a `DataError` naming the data set."""
     try:
-        return select_tasks(available, names)
+        return select_tasks(available if names or default is None else default, names)
     except ValueError as err:
         raise DataError(f"{dataset}: {err}") from err
 
@@ -145,10 +148,8 @@ class SyntheticDataset(Dataset):
 
 
 def preview(dataset: Any, n: int, path: str) -> None:
-    """Save a PNG grid, one row per sample: image, then every dense target; attributes in titles.
-
-    Invalid pixels (label -1, depth 0, normal 0) are drawn black so holes are easy to spot.
-    """
+    """Save a PNG grid, one row per sample: image, then every dense target as its kind draws it
+    (invalid pixels black, so holes are easy to spot); other targets in the image's title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,44 +162,14 @@ def preview(dataset: Any, n: int, path: str) -> None:
     for row in range(n):
         sample = dataset[row]
         axes[row, 0].imshow(sample["image"].permute(1, 2, 0).numpy())
-        axes[row, 0].set_title(_attribute_title(sample, tasks), fontsize=7)
+        titles = [kind_of(t).caption(t, sample[t.name].numpy()) for t in tasks if not t.dense]
+        axes[row, 0].set_title(" ".join(t for t in titles if t) or "image", fontsize=7)
         for col, task in enumerate(dense, start=1):
-            axes[row, col].imshow(_visualise(task, sample[task.name]), interpolation="nearest")
+            picture = kind_of(task).preview(task, sample[task.name].numpy())
+            axes[row, col].imshow(picture, interpolation="nearest")
             axes[row, col].set_title(task.name, fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def _attribute_title(sample: dict[str, torch.Tensor], tasks: tuple[TaskSpec, ...]) -> str:
-    parts = []
-    for task in tasks:
-        if task.kind == "attributes":
-            on = [name for name, v in zip(task.labels, sample[task.name].tolist(), strict=True) if v > 0.5]
-            parts.append(",".join(on) or "-")
-    return " ".join(parts) or "image"
-
-
-def _visualise(task: TaskSpec, target: torch.Tensor) -> np.ndarray:
-    """An RGB rendering of one dense target."""
-    import matplotlib
-
-    t = target.numpy()
-    if task.kind == "segmentation":
-        cmap = matplotlib.colormaps["tab10" if task.channels <= 10 else "tab20"]
-        colours = cmap(np.arange(task.channels))[:, :3]
-        out = colours[np.clip(t, 0, task.channels - 1)]
-        out[t < 0] = 0
-        return out
-    if task.kind == "depth":
-        d = t[0]
-        valid = d > 0
-        scaled = d / max(float(d[valid].max()) if valid.any() else 1.0, 1e-6)
-        out = matplotlib.colormaps["viridis"](scaled)[..., :3]
-        out[~valid] = 0
-        return out
-    out = (t.transpose(1, 2, 0) + 1) / 2  # normal
-    out[np.all(t == 0, axis=0)] = 0
-    return np.clip(out, 0, 1)

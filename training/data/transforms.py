@@ -5,12 +5,15 @@ Every function here returns a new dict, touches only the keys it knows (the imag
 targets of the given tasks) and passes every other key through unchanged, so attribute vectors
 and any metadata survive.
 
-Interpolation rules, chosen so that targets keep their meaning:
+What happens to a target is its kind's business (`training.kinds`), so that it keeps its meaning:
 
 - the image is resampled bilinearly (with antialiasing when it shrinks);
-- segmentation, depth and normal maps are resampled with nearest neighbour, so a class index is
-  never averaged, the ignore label -1 and invalid depth 0 never bleed into valid pixels, and a
-  normal stays a unit vector (or the all-zero "invalid" vector).
+- a target is resampled as its kind's ``resize_mode`` says. Every kind so far says nearest
+  neighbour: a class index is never averaged, the ignore label -1 and invalid depth 0 never bleed
+  into valid pixels, a normal stays a unit vector (or the all-zero "invalid" vector) and an edge
+  map stays binary;
+- a mirror and a zoom go through the kind's ``flip`` (normals negate x) and ``zoom`` (depth is
+  divided by the zoom factor).
 
 Augmentation randomness comes from a `torch.Generator` seeded by (seed, epoch, index) through
 `sample_generator`, so a resumed run replays exactly the augmentations of the interrupted one,
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.kinds import TrainingKind, kind_of
 from training.tasks import TaskSpec
 
 SCALES: tuple[float, ...] = (1.0, 1.2, 1.5)
@@ -45,9 +49,9 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return generator
 
 
-def _dense_kinds(sample: dict, tasks: Sequence[TaskSpec]) -> dict[str, str]:
+def _dense_kinds(sample: dict, tasks: Sequence[TaskSpec]) -> dict[str, TrainingKind]:
     """Name -> kind of the dense tasks that are present in ``sample``."""
-    return {t.name: t.kind for t in tasks if t.dense and t.name in sample}
+    return {t.name: kind_of(t) for t in tasks if t.dense and t.name in sample}
 
 
 def _as_batch(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -88,6 +92,23 @@ def resize_nearest(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return _from_batch(out, rank).to(target.dtype)
 
 
+def resize_bilinear(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=False, no antialiasing) of a float [H, W] or [C, H, W] map."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(target.shape[-2:]) == size:
+        return target
+    batch, rank = _as_batch(target)
+    return _from_batch(F.interpolate(batch, size=size, mode="bilinear", align_corners=False), rank)
+
+
+RESIZERS = {"nearest": resize_nearest, "bilinear": resize_bilinear}  # by `TrainingKind.resize_mode`
+
+
+def resize_target(target: torch.Tensor, size: tuple[int, int], kind: TrainingKind) -> torch.Tensor:
+    """Resize a dense target as its kind says (`TrainingKind.resize_mode`)."""
+    return RESIZERS[kind.resize_mode](target, size)
+
+
 def resize_sample(sample: dict, tasks: Sequence[TaskSpec], size: tuple[int, int]) -> dict:
     """Resize the image and every dense target of ``tasks`` to ``size`` (height, width).
 
@@ -97,27 +118,20 @@ def resize_sample(sample: dict, tasks: Sequence[TaskSpec], size: tuple[int, int]
     out = dict(sample)
     if "image" in out:
         out["image"] = resize_image(out["image"], size)
-    for name in _dense_kinds(sample, tasks):
-        out[name] = resize_nearest(sample[name], size)
+    for name, kind in _dense_kinds(sample, tasks).items():
+        out[name] = resize_target(sample[name], size, kind)
     return out
 
 
 def hflip_sample(sample: dict, tasks: Sequence[TaskSpec]) -> dict:
-    """Mirror the image and every dense target left-right.
-
-    Mirroring negates the x component of surface normals; ``0.0 - x`` keeps the all-zero
-    "invalid" vector exactly zero (no -0.0), so flipping twice is the identity.
-    """
-    kinds = _dense_kinds(sample, tasks)
+    """Mirror the image and every dense target left-right (each target as its kind says: surface
+    normals negate x, keeping the all-zero "invalid" vector exactly zero, so flipping twice is the
+    identity)."""
     out = dict(sample)
     if "image" in out:
         out["image"] = out["image"].flip(-1)
-    for name, kind in kinds.items():
-        flipped = sample[name].flip(-1)
-        if kind == "normal":
-            flipped = flipped.clone()
-            flipped[0] = 0.0 - flipped[0]
-        out[name] = flipped
+    for name, kind in _dense_kinds(sample, tasks).items():
+        out[name] = kind.flip(sample[name])
     return out
 
 
@@ -147,8 +161,8 @@ def scale_crop_sample(
     out = dict(sample)
     out["image"] = resize_image(sample["image"][..., window[0], window[1]], (height, width))
     for name, kind in _dense_kinds(sample, tasks).items():
-        zoomed = resize_nearest(sample[name][..., window[0], window[1]], (height, width))
-        out[name] = zoomed / scale if kind == "depth" else zoomed
+        zoomed = resize_target(sample[name][..., window[0], window[1]], (height, width), kind)
+        out[name] = kind.zoom(zoomed, scale)
     return out
 
 

@@ -1,10 +1,11 @@
 """Task heads, built from a `HeadConfig` through a small registry of head architectures.
 
 Every head is called as ``head(features, image_size)``. Dense heads compute a low-resolution map,
-upsample it bilinearly (align_corners=False) to ``image_size`` and, for ``normal`` tasks,
-L2-normalise it per pixel; segmentation returns logits, depth raw values. The attributes head
-returns logits ``[N, A]`` and ignores ``image_size``. The task kind is a Python constant fixed at
-construction, so the forward pass has no control flow on tensor values (ONNX-friendly).
+upsample it bilinearly (align_corners=False) to ``image_size`` and pass it through the task kind's
+`head_output` (``normal`` L2-normalises per pixel; the other kinds leave it as it is: logits or
+raw values). The attributes head returns logits ``[N, A]`` and ignores ``image_size``. The task
+kind is a Python constant fixed at construction, so the forward pass has no control flow on
+tensor values (ONNX-friendly). Which archs a kind may use, the kind says (`TrainingKind.heads`).
 
 Each head lists, in ``input_convs()``, the convs that read the encoder features: compaction of
 the encoder's output channels must slice their input channels.
@@ -19,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training import kinds as task_kinds
+from training.kinds.normal import unit_vectors
 from training.models.config import ConfigError, HeadConfig
 from training.models.layers import ConvBNAct, conv2d, init_weights
-from training.tasks import DENSE_KINDS
 
-ATTRIBUTE_KINDS: frozenset[str] = frozenset({"attributes"})
+__all__ = ["ASPPHead", "DenseHead", "HeadArch", "LightHead", "PoolLinearHead", "available_heads", "build_head",
+           "default_aspp_rates", "head_arch", "register_head", "unit_vectors", "validate_head_config"]
 
 
 class DenseHead(nn.Module):
@@ -41,18 +44,7 @@ class DenseHead(nn.Module):
 
     def forward(self, features: Tensor, image_size: tuple[int, int]) -> Tensor:
         out = F.interpolate(self.predict(features), size=image_size, mode="bilinear", align_corners=False)
-        if self.task_kind == "normal":
-            out = unit_vectors(out)
-        return out
-
-
-def unit_vectors(x: Tensor, dim: int = 1) -> Tensor:
-    """``x / ‖x‖₂`` along ``dim``, safe in FP16: dividing by the largest magnitude first bounds the
-    squares by 1 (plain normalisation overflows FP16 once a logit passes about 180, and TensorRT may
-    run the reduction in FP16); the direction is unchanged. An all-zero vector stays zero."""
-    peak = x.abs().amax(dim=dim, keepdim=True)
-    scaled = x / torch.where(peak > 0, peak, torch.ones_like(peak))
-    return F.normalize(scaled, dim=dim, eps=1e-6)
+        return task_kinds.kind(self.task_kind).head_output(out)
 
 
 class LightHead(DenseHead):
@@ -157,39 +149,45 @@ HeadBuilder = Callable[[HeadConfig, int, int], nn.Module]
 
 @dataclass(frozen=True)
 class HeadArch:
-    """A registered head architecture: builder, the task kinds it serves, how many widths it takes."""
+    """A registered head architecture: builder, how many widths and rates it takes, and the task
+    kinds it serves: those whose `TrainingKind.heads` name it, plus any given at registration."""
 
     name: str
     builder: HeadBuilder
-    kinds: frozenset[str]
     num_widths: int
     num_rates: tuple[int, ...] = (0,)  # allowed lengths of HeadConfig.rates
+    extra_kinds: frozenset[str] = frozenset()
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset(k for k in task_kinds.names() if self.name in task_kinds.kind(k).heads) | self.extra_kinds
 
     @property
     def dense(self) -> bool:
-        return self.kinds <= DENSE_KINDS
+        return all(task_kinds.kind(k).dense for k in self.kinds)
 
 
 _HEADS: dict[str, HeadArch] = {}
 
 
 def register_head(
-    name: str, *, kinds: frozenset[str], num_widths: int, num_rates: tuple[int, ...] = (0,)
+    name: str, *, num_widths: int, num_rates: tuple[int, ...] = (0,), kinds: frozenset[str] = frozenset()
 ) -> Callable[[HeadBuilder], HeadBuilder]:
-    """Register a head builder ``builder(config, in_channels, output_stride) -> nn.Module``."""
+    """Register a head builder ``builder(config, in_channels, output_stride) -> nn.Module``. The
+    kinds listing ``name`` in their `TrainingKind.heads` may use it; ``kinds`` adds others."""
 
     def wrap(builder: HeadBuilder) -> HeadBuilder:
         if name in _HEADS:
             raise ValueError(f"head arch {name!r} is registered twice")
-        _HEADS[name] = HeadArch(name, builder, frozenset(kinds), num_widths, num_rates)
+        _HEADS[name] = HeadArch(name, builder, num_widths, num_rates, frozenset(kinds))
         return builder
 
     return wrap
 
 
-register_head("light", kinds=DENSE_KINDS, num_widths=1)(LightHead)
-register_head("aspp", kinds=DENSE_KINDS, num_widths=2, num_rates=(0, 3))(ASPPHead)
-register_head("pool_linear", kinds=ATTRIBUTE_KINDS, num_widths=1)(PoolLinearHead)
+register_head("light", num_widths=1)(LightHead)
+register_head("aspp", num_widths=2, num_rates=(0, 3))(ASPPHead)
+register_head("pool_linear", num_widths=1)(PoolLinearHead)
 
 
 def available_heads(kind: str | None = None) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from training.kinds import kind_of
 from training.models.config import ConfigError, EncoderConfig, HeadConfig, ModelConfig, StageConfig
 from training.models.heads import available_heads, default_aspp_rates, head_arch
 from training.models.multitask import MultiTaskModel
@@ -103,9 +104,10 @@ def model_config(
 ) -> ModelConfig:
     """The `ModelConfig` `create_model` builds: every head width and rate spelled out.
 
-    ``head`` picks the arch of the dense-task heads (default: the encoder's); attributes tasks
-    always use ``pool_linear``. ``head_width`` sets the hidden width(s) of every head.
-    Unregistered ``EncoderConfig``s get ``light`` (128) dense heads and 128-wide attribute heads.
+    ``head`` picks the arch of the dense-task heads (default: the encoder's); a task whose kind
+    cannot use it gets its kind's default head (attributes: ``pool_linear``). ``head_width`` sets
+    the hidden width(s) of every head. Unregistered ``EncoderConfig``s get ``light`` (128) dense
+    heads and 128-wide attribute heads.
     """
     if not tasks:
         raise ConfigError("create_model needs at least one task")
@@ -130,9 +132,10 @@ def _resolve_dense_arch(head: str | None, entry: EncoderEntry, tasks: Sequence[T
     if arch.dense:
         return head
     if any(t.dense for t in tasks):
+        dense = [n for n in available_heads() if head_arch(n).dense]
         raise ConfigError(
-            f"head={head!r} cannot serve dense tasks; `head` picks the dense-task arch, one of "
-            f"{available_heads('segmentation')} (attributes tasks always use 'pool_linear')"
+            f"head={head!r} cannot serve dense tasks; `head` picks the dense-task arch, one of {dense} "
+            f"(tasks of other kinds use their kind's own head, e.g. attributes 'pool_linear')"
         )
     return entry.dense_head
 
@@ -140,15 +143,17 @@ def _resolve_dense_arch(head: str | None, entry: EncoderEntry, tasks: Sequence[T
 def _head_config(
     task: TaskSpec, dense_arch: str, entry: EncoderEntry, head_width: int | None, output_stride: int
 ) -> HeadConfig:
-    if not task.dense:
+    allowed = kind_of(task).heads
+    arch = dense_arch if dense_arch in allowed else allowed[0]  # the kind's default when it cannot use it
+    if not head_arch(arch).dense:
         width = head_width if head_width is not None else entry.attribute_width
-        return HeadConfig(task=task, arch="pool_linear", widths=(width,))
-    default = entry.dense_widths.get(dense_arch, _DEFAULT_DENSE_WIDTHS.get(dense_arch))
+        return HeadConfig(task=task, arch=arch, widths=(width,))
+    default = entry.dense_widths.get(arch, _DEFAULT_DENSE_WIDTHS.get(arch))
     if default is None:
-        raise ConfigError(f"no default widths for head {dense_arch!r}; pass head_width")
+        raise ConfigError(f"no default widths for head {arch!r}; pass head_width")
     widths = default if head_width is None else (head_width,) * len(default)
-    rates = default_aspp_rates(output_stride) if dense_arch == "aspp" else ()
-    return HeadConfig(task=task, arch=dense_arch, widths=tuple(widths), rates=rates)
+    rates = default_aspp_rates(output_stride) if arch == "aspp" else ()
+    return HeadConfig(task=task, arch=arch, widths=tuple(widths), rates=rates)
 
 
 # --- registered encoders ----------------------------------------------------------------------
