@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parsimony import onnxrt
 from training.timing import median_ms
 
 CONV_OPS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose"})
@@ -130,21 +131,8 @@ def _eager_runner(job: Job) -> Callable[[], object]:
     return run
 
 
-def _ort_session(job: Job, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = job.threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if profile_prefix:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(job.path, opts, providers=["CPUExecutionProvider"])
-
-
 def _ort_runner(job: Job) -> Callable[[], object]:
-    session = _ort_session(job)
+    session = onnxrt.session(job.path, threads=job.threads)
     x = np.random.default_rng(0).random((job.batch, 3, *job.image_size), dtype=np.float32)
     feed = {session.get_inputs()[0].name: x}
     return lambda: session.run(None, feed)
@@ -179,7 +167,7 @@ def ort_profile(job: Job) -> dict[str, float]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        session = _ort_session(job, profile_prefix=str(Path(tmp) / "ort"))
+        session = onnxrt.session(job.path, threads=job.threads, profile=Path(tmp) / "ort")
         x = np.random.default_rng(0).random((job.batch, 3, *job.image_size), dtype=np.float32)
         feed = {session.get_inputs()[0].name: x}
         for _ in range(job.warmup + job.profile_runs):

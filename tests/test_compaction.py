@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from parsimony.errors import InputFileError
 from training.compaction import (
     CompactionPlan,
     apply_plan,
@@ -24,7 +25,6 @@ from training.compaction import (
     plan_compaction,
     save_compact,
 )
-from training.inputs import InputFileError
 from training.models import (
     EncoderConfig,
     ModelConfig,
@@ -436,3 +436,16 @@ def test_load_errors_name_the_file(tmp_path) -> None:
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(ValueError, match="config.json"):
         load_compact(tmp_path)
+
+
+def test_a_config_with_an_unregistered_task_kind_is_refused_listing_the_kinds(tmp_path) -> None:
+    from parsimony.tasks import kind_names
+    from training.compaction.io import load_config
+
+    config = create_model(encoder="tiny", tasks=(TaskSpec("depth", "depth", 1),)).config.to_dict()
+    config["heads"][0]["task"]["kind"] = "optical_flow"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(InputFileError, match=r"field 'heads\.0\.task\.kind'.*unknown task kind 'optical_flow'") as info:
+        load_config(path)
+    assert all(repr(k) in str(info.value) for k in kind_names()) and str(path) in str(info.value)

@@ -18,6 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from parsimony.manifest import Manifest
 from training.export import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -32,7 +33,6 @@ from training.export import (
     export_onnx,
     io_spec,
     load_manifest,
-    manifest_io_spec,
     onnx_export,
     write_manifest,
 )
@@ -344,7 +344,7 @@ def manifest_and_checkpoint(tiny_export, tmp_path_factory):
     )
     out = path.parent / "manifest.json"
     write_manifest(out, manifest)
-    return load_manifest(out), checkpoint, report
+    return load_manifest(out).to_dict(), checkpoint, report
 
 
 def test_manifest_numbers_equal_the_rebuilt_model(manifest_and_checkpoint) -> None:
@@ -370,7 +370,7 @@ def test_manifest_checkpoint_hash_equals_hashlib(manifest_and_checkpoint) -> Non
 def test_manifest_records_spec_semantics_and_export(manifest_and_checkpoint) -> None:
     manifest, _, report = manifest_and_checkpoint
     assert manifest["format_version"] == MANIFEST_FORMAT
-    assert manifest_io_spec(manifest) == report.io_spec
+    assert Manifest.parse(manifest).tensor_spec == report.io_spec
     tasks = {t["name"]: t for t in manifest["tasks"]}
     assert tasks["seg"]["class_names"] == list(SEG.labels)
     assert "argmax over dim 1" in tasks["seg"]["semantics"]

@@ -26,11 +26,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import training.export.__main__ as export_cli
+from parsimony.errors import InputFileError, ManifestError
+from parsimony.spec import load_onnx
 from training.compact import main as compact_main
 from training.compaction import load_compact
-from training.export.manifest import ManifestError, load_manifest, manifest_io_spec, verify_onnx_digest
-from training.export.spec import load_onnx
-from training.inputs import InputFileError
+from training.export.manifest import load_manifest, manifest_io_spec, verify_onnx_digest
 
 RUN_FILES = ("config.yaml", "metrics.json", "checkpoint-final.pt")
 COMPACT_FILES = ("compact/config.json", "compact/model.safetensors", "compact/plan.json")
@@ -113,7 +113,7 @@ def test_export_that_compacts_first_commits_both_or_neither(run_copy, capsys, mo
     assert export_cli.main([str(run_copy)]) == 0
     manifest = load_manifest(run_copy)
     verify_onnx_digest(manifest, run_copy / "model.onnx")
-    assert manifest["model_config"] == load_compact(run_copy / "compact").config.to_dict()
+    assert manifest.to_dict()["model_config"] == load_compact(run_copy / "compact").config.to_dict()
 
 
 def test_failed_compaction_keeps_the_previous_compact_model(run_copy, capsys, monkeypatch):
@@ -133,7 +133,7 @@ def test_failed_compaction_keeps_the_previous_compact_model(run_copy, capsys, mo
 
 def test_manifest_records_the_digest_of_its_graph(exported_run):
     manifest = load_manifest(exported_run)
-    assert manifest["onnx_sha256"] == hashlib.sha256((exported_run / "model.onnx").read_bytes()).hexdigest()
+    assert manifest.onnx_sha256 == hashlib.sha256((exported_run / "model.onnx").read_bytes()).hexdigest()
     verify_onnx_digest(manifest, exported_run / "model.onnx")
 
 
@@ -158,7 +158,7 @@ def test_a_pair_interrupted_between_the_renames_is_detected(run_copy, monkeypatc
 
 
 def test_digest_check_refuses_a_manifest_without_digest(exported_run, tmp_path):
-    manifest = {k: v for k, v in load_manifest(exported_run).items() if k != "onnx_sha256"}
+    manifest = load_manifest(exported_run).model_copy(update={"onnx_sha256": None})
     with pytest.raises(ManifestError, match="records no onnx_sha256"):
         verify_onnx_digest(manifest, exported_run / "model.onnx")
 
@@ -277,8 +277,8 @@ def test_manifest_reader_refuses_any_damaged_manifest(exported_run, how):
             assert str(path) in str(exc)
             return
         spec = manifest_io_spec(manifest)
-        assert all(t["output"] in spec.output_names for t in manifest["tasks"])
-        assert [int(x) for x in manifest["input"]["size"]] == manifest["input"]["size"]
+        assert all(t.output in spec.output_names for t in manifest.tasks)
+        assert [int(x) for x in manifest.input.size] == manifest.input.size
 
 
 @settings(max_examples=5 * EXAMPLES, deadline=None, derandomize=True,

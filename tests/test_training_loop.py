@@ -79,7 +79,7 @@ def test_early_stopping_stops_at_the_right_epoch_and_uses_the_selected_weights(t
         assert compact_main([str(out)]) == 0 and export_main([str(out)]) == 0
         manifest = load_manifest(out)
         verify_onnx_digest(manifest, out / "model.onnx")
-        assert manifest["source_checkpoint"]["sha256"] == hashlib.sha256(
+        assert manifest.source_checkpoint["sha256"] == hashlib.sha256(
             (out / "checkpoint-final.pt").read_bytes()).hexdigest()
 
 
@@ -274,4 +274,4 @@ def test_gpu_smoke_one_epoch_of_the_demo_with_amp_then_export(tmp_path):
     assert all(math.isfinite(v) for task in metrics["tasks"].values() for v in task.values())
     manifest = load_manifest(out)
     verify_onnx_digest(manifest, out / "model.onnx")
-    assert manifest["input"]["size"] == [64, 96]
+    assert manifest.input.size == [64, 96]

@@ -6,21 +6,16 @@ from pathlib import Path
 
 import torch
 
+from parsimony.errors import InputFileError
+from parsimony.files import validate
+from parsimony.layout import COMPACT_DIR, CONFIG_FILE, MANIFEST_FILE, METRICS_FILE, ONNX_FILE
 from training.checkpoint import BEST, FINAL, LAST, CheckpointError, load_checkpoint
 from training.config import RunConfig
-from training.inputs import (
-    InputFileError,
-    build_model_from,
-    check_state_dict,
-    image_size_from_metrics,
-    read_yaml,
-    validate,
-)
+from training.inputs import build_model_from, check_state_dict, image_size_from_metrics, read_yaml
 from training.models.multitask import MultiTaskModel
 
-COMPACT_DIR = "compact"
-ONNX_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
+__all__ = ["COMPACT_DIR", "MANIFEST_FILE", "ONNX_FILE", "check_finite_outputs", "final_checkpoint", "load_run_config",
+           "load_run_model", "run_image_size"]
 
 
 def final_checkpoint(run_dir: Path) -> Path:
@@ -47,7 +42,7 @@ def load_run_model(run_dir: Path) -> tuple[MultiTaskModel, Path]:
 
 def run_image_size(run_dir: Path) -> tuple[int, int]:
     """The input size the run trained at (recorded in metrics.json; else from its data set)."""
-    metrics = Path(run_dir) / "metrics.json"
+    metrics = Path(run_dir) / METRICS_FILE
     if metrics.is_file():
         return image_size_from_metrics(metrics)
     cfg = load_run_config(run_dir)
@@ -59,7 +54,7 @@ def run_image_size(run_dir: Path) -> tuple[int, int]:
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; is {run_dir} a training.run directory?")
     return validate(RunConfig, read_yaml(path, "run config"), path)

@@ -3,6 +3,8 @@
 A checkpoint holds only tensors and plain Python values: the model's config (so it can be
 rebuilt), model / loss / optimizer / scheduler / grad-scaler states, the position in training
 (epoch, batch within the epoch, global step), early-stopping state and the epoch history.
+A run keeps `LAST`, `BEST` and `FINAL` (the evaluated weights: the selected checkpoint with
+penalty-mode groups finalised); their file names are `parsimony.layout`'s.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from typing import Any
 
 import torch
 
-from training.inputs import InputFileError, field_error
+from parsimony.errors import InputFileError, field_error
+from parsimony.layout import CHECKPOINT_BEST as BEST
+from parsimony.layout import CHECKPOINT_FINAL as FINAL
+from parsimony.layout import CHECKPOINT_LAST as LAST
 from training.io import atomic_torch_save
 
-LAST = "checkpoint-last.pt"
-BEST = "checkpoint-best.pt"
-FINAL = "checkpoint-final.pt"  # the evaluated weights (best, with penalty-mode groups finalised)
+__all__ = ["BEST", "FINAL", "LAST", "CheckpointError", "TrainProgress", "load_checkpoint", "save_checkpoint"]
 
 
 class CheckpointError(InputFileError):

@@ -24,19 +24,13 @@ from pathlib import Path
 
 import torch
 
-from training.artifacts import (
-    COMPACT_DIR,
-    check_finite_outputs,
-    load_run_config,
-    load_run_model,
-    run_image_size,
-)
+from parsimony.errors import ConfigError, InputFileError
+from parsimony.io import replace_dir, staging_dir
+from parsimony.layout import COMPACT_DIR
+from training.artifacts import check_finite_outputs, load_run_config, load_run_model, run_image_size
 from training.compaction import CompactionPlan, compact, load_compact, save_compact
 from training.data import DataError
-from training.inputs import InputFileError
-from training.io import replace_dir, staging_dir
 from training.models.complexity import count_macs, count_parameters
-from training.models.config import ConfigError
 
 # what a user's files or flags can cause: one line and exit status 2; anything else is a bug
 USER_ERRORS = (InputFileError, DataError, ConfigError)

@@ -13,9 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
-class ConfigError(ValueError):
-    """The configuration file or flags are invalid; the message says which key and why."""
+from parsimony.errors import ConfigError  # invalid file or flags; importable from here too
+from parsimony.io import atomic_write_text
 
 
 class _Strict(BaseModel):
@@ -187,6 +186,4 @@ def _explain(exc: ValidationError) -> str:
 
 
 def dump_config(config: RunConfig, path: str | Path) -> None:
-    from training.io import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

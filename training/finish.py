@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from parsimony.errors import InputFileError
+from parsimony.files import read_json, validate
+from parsimony.io import atomic_write_json
+from parsimony.layout import METRICS_FILE
 from training.baselines import evaluate_predictor, fit_trivial
 from training.checkpoint import BEST, FINAL, LAST, TrainProgress
 from training.distributed import barrier
 from training.engine import evaluate
-from training.inputs import InputFileError, read_json, validate
-from training.io import atomic_write_json
 from training.metrics import delta_mtl
 from training.models.complexity import count_macs, count_parameters
 from training.report import metrics_table
@@ -32,7 +34,7 @@ def load_baseline(paths: list[str]) -> dict[str, dict[str, float]]:
     merged: dict[str, dict[str, float]] = {}
     for raw in paths:
         path = Path(raw)
-        path = path / "metrics.json" if path.is_dir() else path
+        path = path / METRICS_FILE if path.is_dir() else path
         if not path.is_file():
             raise InputFileError(f"baseline {raw}: no metrics.json there; point --baseline at a finished run")
         tasks = validate(BaselineFile, read_json(path, "baseline metrics"), path).tasks
@@ -78,7 +80,7 @@ def final_evaluation(run: Run, progress: TrainProgress) -> dict:
         baseline = load_baseline(run.config.baseline)
         result["delta_mtl"] = _delta_mtl(test_metrics, baseline, run)
         result["baseline"] = {"paths": run.config.baseline, "tasks": baseline}
-    atomic_write_json(run.run_dir / "metrics.json", result)
+    atomic_write_json(run.run_dir / METRICS_FILE, result)
     epoch = progress.best_epoch if which == "best" else progress.epoch - 1
     print(f"\nTest metrics of {run.run_dir} ({which} checkpoint, epoch {epoch}) "
           f"against the trivial baselines (majority class, mean depth, mean normal, majority attributes):")

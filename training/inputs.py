@@ -10,18 +10,22 @@ an `InputFileError` whose message names the file, the field and what was expecte
 so the commands can print one line and exit with status 2, writing nothing. Anything else that
 escapes is a bug and keeps its traceback.
 
-This module imports PyTorch only inside the functions that check tensors, so manifest readers
-(the serving gateway) stay torch-free.
+The generic pieces (the error, `read_json`, `validate`, the strict `Schema`) are `parsimony.errors`
+and `parsimony.files`; this module holds the schemas of a run's files and the checks that need the
+model (PyTorch is imported only inside the functions that check tensors).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from parsimony.errors import ConfigError, InputFileError, field_error, shown
+from parsimony.files import PositiveInt, Schema, read_json, read_mapping, validate
+from parsimony.tasks import kind_names
 
 if TYPE_CHECKING:
     from torch import nn
@@ -29,93 +33,32 @@ if TYPE_CHECKING:
     from training.models.config import ModelConfig
     from training.models.multitask import MultiTaskModel
 
-_SHOWN = 60  # characters of an offending value quoted in a message
-
-
-class InputFileError(ValueError):
-    """A user-supplied file is missing, unreadable or holds a wrong field; the message names the
-    file, the field and what was expected."""
-
-
-def field_error(path: str | Path, field: str | None, problem: str) -> InputFileError:
-    """``InputFileError("<path>: field '<field>': <problem>")`` (without the field part when None)."""
-    where = f"{path}: field '{field}'" if field else f"{path}"
-    return InputFileError(f"{where}: {problem}")
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
-
-
-# --- reading ---------------------------------------------------------------------------------------
-
-
-def read_json(path: str | Path, what: str) -> dict:
-    """The JSON object in ``path``; ``what`` says what the file is (for the message)."""
-    return _read_mapping(Path(path), what, "JSON", json.loads, (json.JSONDecodeError,))
+__all__ = ["InputFileError", "build_model_from", "check_state_dict", "image_size_from_metrics", "parse_model_config",
+           "read_yaml"]
 
 
 def read_yaml(path: str | Path, what: str) -> dict:
     """The YAML mapping in ``path`` (safe loader: plain values only)."""
     import yaml
 
-    return _read_mapping(Path(path), what, "YAML", yaml.safe_load, (yaml.YAMLError,))
-
-
-def _read_mapping(path: Path, what: str, fmt: str, parse, errors: tuple[type[Exception], ...]) -> dict:
-    if not path.is_file():
-        raise InputFileError(f"{path}: {what} not found")
-    try:
-        data = parse(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, *errors) as exc:
-        raise InputFileError(f"{path}: {what} is not valid {fmt} ({one_line(exc)}); the file is truncated or "
-                             f"corrupt") from None
-    if not isinstance(data, dict):
-        raise InputFileError(f"{path}: {what} must hold a {fmt} mapping at the top level, got a "
-                             f"{type(data).__name__}")
-    return data
-
-
-def validate(schema: type[BaseModel], data: Any, path: str | Path, prefix: str = "") -> BaseModel:
-    """``schema.model_validate(data)``; every problem is reported with its dotted field name
-    (``prefix`` first, for a section of a larger file)."""
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        raise InputFileError(f"{path}: " + "; ".join(_describe(e, prefix) for e in exc.errors())) from None
-
-
-def _describe(error: Mapping, prefix: str) -> str:
-    loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *error["loc"])) or "(top level)"
-    if error["type"] == "missing":
-        return f"field '{loc}': missing"
-    if error["type"] == "extra_forbidden":
-        return f"field '{loc}': not expected here (check the spelling)"
-    return f"field '{loc}': {error['msg'].lower()}, got {shown(error.get('input'))}"
+    return read_mapping(Path(path), what, "YAML", yaml.safe_load, (yaml.YAMLError,))
 
 
 # --- schemas of the files a run holds ------------------------------------------------------------
 
-PositiveInt = Annotated[int, Field(ge=1)]
-Index = Annotated[int, Field(ge=0)]
-
-
-class Schema(BaseModel):
-    """Strict: a string is not an int, 16.0 is not 16, unknown keys are refused."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
 
 class TaskFile(Schema):
     name: str = Field(min_length=1)
-    kind: Literal["segmentation", "depth", "normal", "attributes"]
+    kind: str
     channels: PositiveInt
     labels: list[str] = Field(default_factory=list)
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in kind_names():
+            raise ValueError(f"unknown task kind {value!r}; use one of {list(kind_names())}")
+        return value
 
 
 class StageFile(Schema):
@@ -173,7 +116,6 @@ def parse_model_config(data: Any, path: str | Path, field: str = "") -> ModelCon
 
 def build_model_from(data: Any, path: str | Path, field: str = "") -> MultiTaskModel:
     """`parse_model_config`, then build the model (which refuses e.g. an unknown head arch)."""
-    from training.models.config import ConfigError
     from training.models.registry import build_model
 
     config = parse_model_config(data, path, field)

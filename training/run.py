@@ -17,10 +17,10 @@ import logging
 import sys
 from pathlib import Path
 
-from training.artifacts import COMPACT_DIR
+from parsimony.errors import ConfigError, InputFileError
+from parsimony.layout import COMPACT_CONFIG_FILE, COMPACT_DIR, CONFIG_FILE
 from training.checkpoint import LAST, TrainProgress
 from training.config import (
-    ConfigError,
     RunConfig,
     apply_set_items,
     dump_config,
@@ -32,14 +32,12 @@ from training.data import DataError, available_datasets
 from training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from training.export.onnx_export import ExportMismatch
 from training.finish import final_evaluation, load_baseline, package_run
-from training.inputs import InputFileError
-from training.models.config import ConfigError as ModelConfigError
 from training.trainer import build_run, fit, pick_device, restore
 
 log = logging.getLogger("training")
 # what a user's flags, config files or data can cause: one line and exit status 2. Anything else is a
 # bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, InputFileError, ModelConfigError, ExportMismatch)
+USER_ERRORS = (ConfigError, DataError, InputFileError, ExportMismatch)
 
 # flag -> dotted config key; every flag defaults to None so that only given flags override.
 FLAG_KEYS = {
@@ -135,7 +133,7 @@ def flag_overrides(args: argparse.Namespace) -> dict:
 def resolve(args: argparse.Namespace) -> RunConfig:
     overrides = flag_overrides(args)
     if args.resume:
-        saved = Path(args.resume) / "config.yaml"
+        saved = Path(args.resume) / CONFIG_FILE
         extra = sorted(f for f in FLAG_KEYS if getattr(args, f) is not None and f not in RESUME_FLAGS)
         if extra or args.config or args.set:
             raise ConfigError(f"--resume continues a run with its saved config; only --epochs, --device, "
@@ -153,7 +151,7 @@ def _finetune_config(args: argparse.Namespace, overrides: dict) -> RunConfig:
     fixed = sorted(f for f in FINETUNE_FIXED if getattr(args, f) is not None)
     if fixed or args.resume:
         raise ConfigError(f"--finetune keeps the source run's architecture, tasks and data; drop {fixed or '--resume'}")
-    if not (source / COMPACT_DIR / "config.json").is_file():
+    if not (source / COMPACT_DIR / COMPACT_CONFIG_FILE).is_file():
         from training.compact import compact_run
 
         compact_run(source)
@@ -161,7 +159,7 @@ def _finetune_config(args: argparse.Namespace, overrides: dict) -> RunConfig:
     set_dotted(overrides, "model.init_from", str(source / COMPACT_DIR))
     set_dotted(overrides, "sparsity.lam", 0.0)
     set_dotted(overrides, "sparsity.target", None)
-    base = load_yaml(args.config) if args.config else load_yaml(source / "config.yaml")
+    base = load_yaml(args.config) if args.config else load_yaml(source / CONFIG_FILE)
     return resolve_config(base, overrides)
 
 
@@ -172,7 +170,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, dist: DistInfo) -> Path:
                           f"or choose another --out")
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        dump_config(cfg, run_dir / CONFIG_FILE)
     barrier()
     return run_dir
 

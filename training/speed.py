@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from parsimony import onnxrt
 from training.timing import median_ms
 
-__all__ = ["eager_ms", "example_batch", "median_ms", "ort_ms", "ort_session"]
+__all__ = ["eager_ms", "example_batch", "median_ms", "ort_ms"]
 
 
 def example_batch(image_size: tuple[int, int], batch: int) -> torch.Tensor:
@@ -24,16 +25,8 @@ def eager_ms(model: nn.Module, image_size: tuple[int, int], batch: int, **kw) ->
     return median_ms(lambda: model(x), **kw)
 
 
-def ort_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def ort_ms(path: Path, image_size: tuple[int, int], batch: int, *, threads: int | None = None, **kw) -> float:
-    session = ort_session(path, threads)
+    """Median latency of ONNX Runtime over ``path`` (``threads`` None: ONNX Runtime's default)."""
+    session = onnxrt.session(path, threads=threads or 0)
     feed = {session.get_inputs()[0].name: example_batch(image_size, batch).numpy().astype(np.float32)}
     return median_ms(lambda: session.run(None, feed), **kw)

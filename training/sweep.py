@@ -37,12 +37,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from parsimony.io import atomic_write_text
+from parsimony.layout import CONFIG_FILE, METRICS_FILE
 from training import run as run_command
 from training.checkpoint import LAST
 from training.config import ConfigError, RunConfig, apply_set_items, load_yaml, resolve_config, set_dotted
 from training.data import DataError, DatasetSpec, build_dataset
-from training.io import atomic_write_text
-from training.sweep_collect import METRICS_FILE, RUN_LOG, collect
+from training.sweep_collect import RUN_LOG, collect
 from training.sweep_report import format_lambda, write_report
 
 log = logging.getLogger("training.sweep")
@@ -204,7 +205,7 @@ def dataset_tasks(cfg: RunConfig) -> tuple[str, ...]:
 def plan_action(sweep: Sweep, spec: RunSpec) -> str:
     """"done", "resume" or "start"; refuses a run directory made with another configuration."""
     run_dir = sweep.run_dir(spec)
-    saved = run_dir / "config.yaml"
+    saved = run_dir / CONFIG_FILE
     if saved.is_file():
         _check_same_config(run_dir, resolve_config(load_yaml(saved)), sweep.run_config(spec))
     if (run_dir / METRICS_FILE).is_file():

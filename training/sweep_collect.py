@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from parsimony.layout import CONFIG_FILE, MANIFEST_FILE, METRICS_FILE
+from parsimony.manifest import Manifest
 from training.metrics import delta_mtl
 from training.tasks import TaskSpec
 
@@ -18,7 +20,6 @@ if TYPE_CHECKING:
     from training.sweep import RunSpec, Sweep
 
 log = logging.getLogger("training.sweep")
-METRICS_FILE = "metrics.json"
 SPARSITY_FILE = "sparsity.json"
 RUN_LOG = "train.log"
 TARGET_FILE = "target.json"
@@ -57,11 +58,11 @@ def _target_columns(run_dir: Path, sparsity: dict | None) -> dict:
     """A target run's outcome (sparsity.json, target.json) and every run's wall time in minutes
     (from its config.yaml to its last file)."""
     done = [p.stat().st_mtime for p in run_dir.iterdir() if p.is_file() and p.name != RUN_LOG]
-    start = (run_dir / "config.yaml").stat().st_mtime if (run_dir / "config.yaml").is_file() else math.nan
+    start = (run_dir / CONFIG_FILE).stat().st_mtime if (run_dir / CONFIG_FILE).is_file() else math.nan
     row = {"wall_min": (max(done) - start) / 60 if done else math.nan}
-    manifest = run_dir / "manifest.json"
+    manifest = run_dir / MANIFEST_FILE
     if manifest.is_file():  # the exported (compacted, widths rounded) model's own count
-        row["exported_macs"] = json.loads(manifest.read_text()).get("complexity", {}).get("macs", math.nan)
+        row["exported_macs"] = Manifest.load(manifest).complexity.macs
     target = (sparsity or {}).get("target")
     if not target:
         return row

@@ -22,13 +22,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from parsimony.io import atomic_write_text
+from parsimony.layout import HISTORY_FILE
 from training.checkpoint import BEST, LAST, TrainProgress, load_checkpoint, save_checkpoint
 from training.config import ConfigError, RunConfig
 from training.data import DatasetInfo, DatasetSpec, build_dataset
 from training.data.sampler import EpochBatchSampler
 from training.distributed import DistInfo, broadcast_flag
 from training.engine import StepContext, TrainStep, evaluate, train_one_epoch
-from training.io import atomic_write_text
 from training.losses import MultiTaskLoss
 from training.models import create_model
 from training.models.pretrained import load_torchvision_resnet
@@ -281,7 +282,7 @@ def load_weights(model: nn.Module, path: Path) -> dict:
 
 def write_history(run: Run, progress: TrainProgress) -> None:
     if run.dist.is_main:
-        atomic_write_text(run.run_dir / "history.jsonl", "".join(json.dumps(h) + "\n" for h in progress.history))
+        atomic_write_text(run.run_dir / HISTORY_FILE, "".join(json.dumps(h) + "\n" for h in progress.history))
 
 
 # --- the loop ------------------------------------------------------------------------------------

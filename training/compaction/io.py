@@ -17,27 +17,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from parsimony.errors import InputFileError
+from parsimony.files import Index, PositiveInt, Schema, read_json, validate
+from parsimony.io import atomic_write_json, staged
+from parsimony.layout import COMPACT_CONFIG_FILE as CONFIG_FILE
+from parsimony.layout import PLAN_FILE, WEIGHTS_FILE
 from training.compaction.apply import compacted_config
 from training.compaction.plan import CompactionPlan
-from training.inputs import (
-    Index,
-    InputFileError,
-    PositiveInt,
-    Schema,
-    build_model_from,
-    check_state_dict,
-    parse_model_config,
-    read_json,
-    validate,
-)
-from training.io import atomic_write_json, staged
+from training.inputs import build_model_from, check_state_dict, parse_model_config
 from training.models.config import ModelConfig
 from training.models.multitask import MultiTaskModel
 from training.sparsity.trace import unwrap
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-PLAN_FILE = "plan.json"
+__all__ = ["CONFIG_FILE", "PLAN_FILE", "WEIGHTS_FILE", "check_plan_describes", "load_compact", "load_config",
+           "load_plan", "save_compact"]
 
 
 class SpaceFile(Schema):

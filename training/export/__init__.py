@@ -1,28 +1,47 @@
-"""Export: the tensor spec (single source of names, dtypes, shapes), a self-checking ONNX export
-and the manifest written next to it.
+"""Export: a self-checking ONNX export and the manifest written next to it (the tensor spec and
+the manifest format themselves are `parsimony.spec` and `parsimony.manifest`).
 
 Typical use::
 
-    from training.export import export_onnx, build_manifest, write_manifest
-    report = export_onnx(model, out / "model.onnx", image_size=(288, 384))
+    from parsimony.layout import MANIFEST_FILE, ONNX_FILE
+    from training.export import build_manifest, export_onnx
+    report = export_onnx(model, out / ONNX_FILE, image_size=(288, 384))
     manifest = build_manifest(model, report.io_spec, image_size=(288, 384), report=report,
                               source_checkpoint=ckpt_path, extra=None)
-    write_manifest(out / "manifest.json", manifest)
+    manifest.write(out / MANIFEST_FILE)
 """
 
-from training._lazy import lazy_exports
+from training.export.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    ManifestError,
+    build_manifest,
+    load_manifest,
+    manifest_io_spec,
+    sha256_file,
+    write_manifest,
+)
+from training.export.onnx_export import (
+    DEFAULT_ATOL,
+    DEFAULT_OPSET,
+    DEFAULT_RTOL,
+    ExportMismatch,
+    ExportReport,
+    OutputError,
+    export_onnx,
+)
+from training.export.spec import (
+    DTYPES,
+    INPUT_NAME,
+    ModelIOSpec,
+    SpecError,
+    SpecMismatch,
+    TensorSpec,
+    io_spec,
+    validate_name,
+)
 
-__getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    ".manifest": (
-        "MANIFEST_FORMAT", "MANIFEST_NAME", "ManifestError", "build_manifest", "load_manifest",
-        "manifest_io_spec", "sha256_file", "write_manifest",
-    ),
-    ".onnx_export": (
-        "DEFAULT_ATOL", "DEFAULT_OPSET", "DEFAULT_RTOL", "ExportMismatch", "ExportReport", "OutputError",
-        "export_onnx",
-    ),
-    ".spec": (
-        "DTYPES", "INPUT_NAME", "ModelIOSpec", "SpecError", "SpecMismatch", "TensorSpec", "io_spec",
-        "validate_name",
-    ),
-})
+__all__ = ["DEFAULT_ATOL", "DEFAULT_OPSET", "DEFAULT_RTOL", "DTYPES", "INPUT_NAME", "MANIFEST_FORMAT", "MANIFEST_NAME",
+           "ExportMismatch", "ExportReport", "ManifestError", "ModelIOSpec", "OutputError", "SpecError",
+           "SpecMismatch", "TensorSpec", "build_manifest", "export_onnx", "io_spec", "load_manifest",
+           "manifest_io_spec", "sha256_file", "validate_name", "write_manifest"]

@@ -13,7 +13,7 @@ Everything is built in a hidden staging folder inside RUN_DIR and moved into pla
 check passed: first the compact folder (when this command made it), then model.onnx, then
 manifest.json. A failure at any point leaves RUN_DIR as it was. Because the manifest names the
 digest of its graph, a reader can tell a pair interrupted between the last two renames
-(`verify_onnx_digest`). Damaged inputs stop the command with one line naming the file and field,
+(`parsimony.manifest.Manifest.verify_onnx`). Damaged inputs stop the command with one line naming the file and field,
 exit status 2.
 """
 
@@ -26,25 +26,21 @@ import os
 import sys
 from pathlib import Path
 
-from training.artifacts import (
-    COMPACT_DIR,
-    MANIFEST_FILE,
-    ONNX_FILE,
-    check_finite_outputs,
-    final_checkpoint,
-    run_image_size,
-)
+from parsimony.errors import ManifestError
+from parsimony.io import fsync_dir, replace_dir, staging_dir
+from parsimony.layout import COMPACT_CONFIG_FILE, COMPACT_DIR, MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE
+from parsimony.manifest import Manifest
+from training.artifacts import check_finite_outputs, final_checkpoint, run_image_size
 from training.compact import USER_ERRORS, build_compact, write_compact
-from training.compaction import WEIGHTS_FILE, check_plan_describes, load_compact, load_plan
-from training.export.manifest import ManifestError, build_manifest, write_manifest
+from training.compaction import check_plan_describes, load_compact, load_plan
+from training.export.manifest import build_manifest
 from training.export.onnx_export import DEFAULT_OPSET, ExportMismatch, ExportReport, export_onnx
 from training.export.spec import io_spec
-from training.io import fsync_dir, replace_dir, staging_dir
 
 log = logging.getLogger("training")
 
 
-def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET) -> tuple[ExportReport, dict]:
+def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET) -> tuple[ExportReport, Manifest]:
     """Export RUN_DIR's compact model (compacting first when RUN_DIR/compact has no config.json)."""
     run_dir = Path(run_dir)
     source = final_checkpoint(run_dir)  # also refuses a folder that is not a run
@@ -52,7 +48,7 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET) -> tuple[ExportRepo
     with staging_dir(run_dir, "export") as staging:
         compact_dir = run_dir / COMPACT_DIR
         new_compact = None
-        if not (compact_dir / "config.json").is_file():
+        if not (compact_dir / COMPACT_CONFIG_FILE).is_file():
             from training.compact import describe as describe_compaction
 
             log.info("no compact model in %s yet: compacting first", run_dir)
@@ -67,7 +63,7 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET) -> tuple[ExportRepo
                                   source_checkpoint=source,
                                   extra={"run_dir": str(run_dir), "compaction": {
                                       "mode": plan.mode, "round_to": plan.round_to, "widths": plan.widths()}})
-        write_manifest(staging / MANIFEST_FILE, manifest)
+        manifest.write(staging / MANIFEST_FILE)
         if new_compact is not None:
             replace_dir(new_compact, compact_dir)
         for name in (ONNX_FILE, MANIFEST_FILE):  # the manifest last: it vouches for the graph
@@ -76,11 +72,11 @@ def export_run(run_dir: Path, *, opset: int = DEFAULT_OPSET) -> tuple[ExportRepo
     return dataclasses.replace(report, path=run_dir / ONNX_FILE), manifest
 
 
-def describe(report: ExportReport, manifest: dict) -> str:
-    c, e = manifest["complexity"], manifest["export"]
+def describe(report: ExportReport, manifest: Manifest) -> str:
+    c, e = manifest.complexity, manifest.export
     worst = max(e["max_rel_error"].values())
-    return (f"exported {report.path} (opset {e['opset']}, {c['parameters'] / 1e6:.3f} M parameters, "
-            f"{c['macs'] / 1e9:.3f} GMACs); ONNX Runtime matches PyTorch within {worst:.1e} of each output's scale")
+    return (f"exported {report.path} (opset {e['opset']}, {c.parameters / 1e6:.3f} M parameters, "
+            f"{c.macs / 1e9:.3f} GMACs); ONNX Runtime matches PyTorch within {worst:.1e} of each output's scale")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,87 +1,51 @@
-"""manifest.json: what an exported model computes and how it was made, next to the ONNX file.
+"""Building the manifest of an exported model (what it computes and how it was made).
 
-It records the tensor spec, the meaning of every task output, the input convention (RGB in
-[0, 1]; the mean/std normalisation is inside the graph), the width-explicit model config (so the
-model can be rebuilt with ``build_model(ModelConfig.from_dict(manifest["model_config"]))``), the
-parameter and MAC counts, the SHA-256 of the graph it describes (``onnx_sha256``) and of the
-source checkpoint, the export check (opset, tolerances, measured errors) and the library versions.
-`build_manifest` refuses a spec or report that does not belong to the model, so the manifest cannot
-describe a different graph than the one exported; `verify_onnx_digest` lets a reader refuse a
-``model.onnx`` that is not that graph (a folder mixing two exports). `load_manifest` checks every
-field readers use and names the file and field of any problem.
+The manifest itself, its reading, writing and checks are `parsimony.manifest.Manifest`; this module
+adds what needs the model: `build_manifest` fills one in from a `MultiTaskModel`, its export report
+and the source checkpoint (each task's section comes from its kind), and refuses a spec or report
+that does not belong to the model, so the manifest cannot describe another graph than the one
+exported. The model config it records rebuilds the model:
+``build_model(ModelConfig.from_dict(manifest.model_config_))``.
+
+The thin functions below (`load_manifest`, `write_manifest`, `verify_onnx_digest`,
+`manifest_io_spec`) keep the names the export and its tests use; each is one call into the contract.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pydantic import Field
-
-from training.export.spec import INPUT_NAME, ModelIOSpec, SpecError, io_spec
-from training.inputs import InputFileError, PositiveInt, Schema, shown, validate
-from training.io import atomic_write_json
+from parsimony.errors import ManifestError
+from parsimony.layout import MANIFEST_FILE
+from parsimony.manifest import (
+    FORMAT_VERSION,
+    MACS_NOTE,
+    REQUIRED_KEYS,
+    Manifest,
+    checkpoint_section,
+    load_manifest,
+    sha256_file,
+)
+from parsimony.spec import INPUT_NAME, ModelIOSpec
+from parsimony.tasks import kind
+from training.export.spec import io_spec
 from training.models.config import ModelConfig
-from training.tasks import TaskSpec
 
 if TYPE_CHECKING:
     from torch import nn
 
     from training.export.onnx_export import ExportReport
 
-MANIFEST_FORMAT = 1
-MANIFEST_NAME = "manifest.json"
-REQUIRED_KEYS = ("format_version", "tasks", "io_spec", "input", "model_config", "complexity", "export")
-WRITTEN_KEYS = (*REQUIRED_KEYS, "onnx_file", "onnx_sha256")  # manifests before the digest lack it
-MACS_NOTE = (
-    "MACs count one multiply-add once (FLOPs ~ 2 x MACs); Conv2d and Linear layers only, "
-    "batch 1 at input.size"
-)
-_HASH_CHUNK = 1 << 20
+__all__ = ["MACS_NOTE", "MANIFEST_FORMAT", "MANIFEST_NAME", "REQUIRED_KEYS", "Manifest", "ManifestError",
+           "build_manifest", "checkpoint_section", "input_section", "load_manifest", "manifest_io_spec",
+           "sha256_file", "verify_onnx_digest", "versions", "write_manifest"]
 
-
-class ManifestError(InputFileError):
-    """A manifest is missing, unreadable or inconsistent; the message names the file and the fix."""
-
-
-class _Task(Schema):
-    model_config = {"extra": "allow", "strict": True}
-    name: str = Field(min_length=1)
-    kind: str
-    output: str = Field(min_length=1)
-    channels: PositiveInt
-    class_names: list[str] = Field(default_factory=list)
-    attribute_names: list[str] = Field(default_factory=list)
-
-
-class _Input(Schema):
-    model_config = {"extra": "allow", "strict": True}
-    size: list[PositiveInt] = Field(min_length=2, max_length=2)
-
-
-class _Complexity(Schema):
-    model_config = {"extra": "allow", "strict": True}
-    parameters: int = Field(ge=0)
-    macs: int = Field(ge=0)
-
-
-class _Manifest(Schema):
-    """The fields readers of a manifest use; other sections are for people and pass through."""
-
-    model_config = {"extra": "allow", "strict": True, "protected_namespaces": ()}
-    tasks: list[_Task] = Field(min_length=1)
-    io_spec: dict
-    input: _Input
-    model_config_: dict = Field(alias="model_config")
-    complexity: _Complexity
-    export: dict
-    onnx_file: str = Field(default="model.onnx", pattern=r"^[A-Za-z0-9_.-]+\.onnx$")
-    onnx_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+MANIFEST_FORMAT = FORMAT_VERSION
+MANIFEST_NAME = MANIFEST_FILE
 
 
 def build_manifest(
@@ -92,116 +56,50 @@ def build_manifest(
     report: ExportReport,
     source_checkpoint: Path | None = None,
     extra: dict | None = None,
-) -> dict:
-    """The manifest of ``model`` exported at ``image_size`` (H, W), as a JSON-ready dict.
+) -> Manifest:
+    """The manifest of ``model`` exported at ``image_size`` (H, W).
 
     ``io_spec_`` and ``report`` must be those of this model at this size (checked);
     ``source_checkpoint`` is the weights file the model was loaded from (hashed, not read as a
     checkpoint); ``extra`` is stored as is under ``"extra"`` (e.g. a run id or metrics).
     """
-    # here, not at the top: this needs PyTorch, readers of manifests do not
+    # here, not at the top: counting needs PyTorch
     from training.models.complexity import count_macs, count_parameters
 
     config: ModelConfig = model.config
     _check_consistent(config, io_spec_, image_size, report)
     h, w = image_size
-    return {
-        "format_version": MANIFEST_FORMAT,
+    return Manifest.parse({
+        "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model_name": config.name,
         "onnx_file": report.path.name,
         "onnx_sha256": sha256_file(report.path),
         "input": input_section(config, (h, w)),
-        "tasks": [task_section(t) for t in config.tasks],
+        "tasks": [kind(t.kind, task=t.name).manifest_section(t.info()) for t in config.tasks],
         "io_spec": io_spec_.to_dict(),
         "model_config": config.to_dict(),
-        "complexity": {
-            "parameters": count_parameters(model),
-            "macs": count_macs(model, (h, w)),
-            "note": MACS_NOTE,
-        },
+        "complexity": {"parameters": count_parameters(model), "macs": count_macs(model, (h, w)), "note": MACS_NOTE},
         "source_checkpoint": checkpoint_section(source_checkpoint),
         "export": report.to_dict(),
         "versions": versions(),
         "extra": dict(extra or {}),
-    }
+    }, f"of {report.path}")
 
 
-def write_manifest(path: str | Path, manifest: dict) -> None:
-    """Write atomically (temporary file, then rename); a reader never sees half a manifest."""
-    missing = [k for k in WRITTEN_KEYS if k not in manifest]
-    if missing:
-        raise ManifestError(
-            f"refusing to write {path}: manifest lacks {missing}; build it with build_manifest"
-        )
-    atomic_write_json(Path(path), manifest)
+def write_manifest(path: str | Path, manifest: Manifest) -> None:
+    """`Manifest.write`: atomically, and only a manifest that records the digest of its graph."""
+    manifest.write(path)
 
 
-def load_manifest(path: str | Path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestError(f"manifest {path} does not exist; export the model first (training.export)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"manifest {path} is not readable JSON ({exc}); re-export the model") from exc
-    if not isinstance(manifest, dict):
-        raise ManifestError(
-            f"manifest {path} holds a {type(manifest).__name__}, not an object; re-export the model"
-        )
-    version = manifest.get("format_version")
-    if isinstance(version, bool) or version != MANIFEST_FORMAT:  # True == 1 in Python, but not a version
-        raise ManifestError(
-            f"manifest {path} has format_version {version!r}; this code reads version {MANIFEST_FORMAT} "
-            f"(re-export the model with this version of parsimony)"
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise ManifestError(
-            f"manifest {path} lacks {missing}; it is truncated or hand-edited, re-export the model"
-        )
-    _check_fields(manifest, path)
-    return manifest
+def verify_onnx_digest(manifest: Manifest, onnx_path: str | Path) -> None:
+    """`Manifest.verify_onnx`: refuse a graph that is not the one the manifest describes."""
+    manifest.verify_onnx(onnx_path)
 
 
-def _check_fields(manifest: dict, path: Path) -> None:
-    """Types of every field readers use, the io spec, and tasks that name outputs of that spec."""
-    try:
-        validate(_Manifest, manifest, path)
-    except InputFileError as exc:
-        raise ManifestError(f"manifest {exc}; re-export the model") from None
-    try:
-        outputs = ModelIOSpec.from_dict(manifest["io_spec"]).output_names
-    except SpecError as exc:
-        raise ManifestError(f"manifest {path}: field 'io_spec': {exc}; re-export the model") from None
-    for i, task in enumerate(manifest["tasks"]):
-        if task["output"] not in outputs:
-            raise ManifestError(f"manifest {path}: field 'tasks.{i}.output': {shown(task['output'])} is not an "
-                                f"output of io_spec (it has {list(outputs)}); re-export the model")
-
-
-def verify_onnx_digest(manifest: dict, onnx_path: str | Path) -> None:
-    """Refuse ``onnx_path`` unless its SHA-256 is the manifest's ``onnx_sha256`` (a manifest without
-    the field, written before it existed, is refused too: its graph cannot be vouched for)."""
-    onnx_path = Path(onnx_path)
-    expected = manifest.get("onnx_sha256")
-    if not isinstance(expected, str):
-        raise ManifestError(f"the manifest of {onnx_path} records no onnx_sha256; re-export the model "
-                            f"(python -m training.export RUN_DIR)")
-    if not onnx_path.is_file():
-        raise ManifestError(f"{onnx_path} does not exist; its manifest describes it, re-export the model")
-    actual = sha256_file(onnx_path)
-    if actual != expected:
-        raise ManifestError(f"{onnx_path} is not the graph its manifest describes (SHA-256 {actual[:12]}..., "
-                            f"the manifest's onnx_sha256 is {expected[:12]}...): the folder mixes two exports, "
-                            f"export the run again")
-
-
-def manifest_io_spec(manifest: dict) -> ModelIOSpec:
-    """The tensor spec a manifest records (for config generators and clients)."""
-    return ModelIOSpec.from_dict(manifest["io_spec"])
+def manifest_io_spec(manifest: Manifest) -> ModelIOSpec:
+    """The tensor spec a manifest records (`Manifest.tensor_spec`)."""
+    return manifest.tensor_spec
 
 
 def input_section(config: ModelConfig, image_size: tuple[int, int]) -> dict:
@@ -219,52 +117,6 @@ def input_section(config: ModelConfig, image_size: tuple[int, int]) -> dict:
             "formula": "(image - mean) / std per channel, applied inside the graph: send [0, 1] images",
         },
     }
-
-
-def task_section(task: TaskSpec) -> dict:
-    """Kind, output tensor and output semantics of one task."""
-    section: dict[str, Any] = {
-        "name": task.name,
-        "kind": task.kind,
-        "output": task.name,
-        "channels": task.channels,
-    }
-    if task.kind == "segmentation":
-        section["class_names"] = list(task.labels)
-        section["semantics"] = "logits, argmax over dim 1 gives the class index"
-    elif task.kind == "depth":
-        section["unit"] = "metres"
-        section["value_range"] = (
-            "non-negative metres expected (the head is unconstrained: clamp at 0); 0 = invalid in targets"
-        )
-        section["semantics"] = "depth in metres per pixel"
-    elif task.kind == "normal":
-        section["semantics"] = (
-            "unit vectors (L2-normalised in the graph), camera frame x right, y down, z forward"
-        )
-    else:
-        section["attribute_names"] = list(task.labels)
-        section["semantics"] = "logits, sigmoid gives the probability"
-    return section
-
-
-def checkpoint_section(path: Path | None) -> dict | None:
-    if path is None:
-        return None
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(
-            f"source checkpoint {path} does not exist; pass the file the weights came from, or None"
-        )
-    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:

@@ -37,8 +37,10 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from training.export.spec import DYNAMIC, ModelIOSpec, io_spec
-from training.io import staged
+from parsimony import onnxrt
+from parsimony.io import staged
+from parsimony.spec import DYNAMIC, ModelIOSpec
+from training.export.spec import io_spec
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +241,7 @@ def compare_with_onnx_runtime(
 ) -> list[OutputError]:
     """Run ``onnx_path`` in ONNX Runtime and ``module`` (tuple outputs in spec order) on the same
     fixed-seed images for each batch size; shape mismatches raise `ExportMismatch` at once."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = onnxrt.session(onnx_path)
     module.eval()
     checks = []
     for batch in batch_sizes:

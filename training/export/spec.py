@@ -1,261 +1,32 @@
-"""The tensor spec of an exported model: the single source of input/output names, dtypes, shapes.
+"""The tensor spec of a model built from a `ModelConfig`.
 
-`io_spec(model_config, image_size)` derives it from a `ModelConfig`; the ONNX export names and
-shapes the graph from it, checks the written graph against it (`ModelIOSpec.check_against_onnx`),
-and the Triton ``config.pbtxt`` generator maps it field by field (``DTYPES`` holds the Triton type
-names). Layout (``-1`` is the dynamic batch dimension, named ``batch`` in the graph):
-
-| tensor                | dtype   | shape            | meaning                                  |
-|-----------------------|---------|------------------|------------------------------------------|
-| ``image`` (input)     | float32 | [-1, 3, H, W]    | RGB in [0, 1]; normalised inside the graph |
-| segmentation task     | float32 | [-1, C, H, W]    | class logits                             |
-| depth task            | float32 | [-1, 1, H, W]    | metres                                   |
-| normal task           | float32 | [-1, 3, H, W]    | unit vectors                             |
-| attributes task       | float32 | [-1, A]          | logits                                   |
-
-Outputs are named by their task names. Every name must match ``[A-Za-z_][A-Za-z0-9_]*`` so it is
-valid in ONNX, as a Triton tensor name and as a Python identifier.
+Everything about tensor specs (names, dtypes, shapes, the check of a graph against its spec) is
+`parsimony.spec`, re-exported here; what each task's output is comes from its kind
+(`parsimony.tasks.model_io_spec`). This module only adds `io_spec`, which reads a model config.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-import onnx
-
-from training.inputs import InputFileError
+from parsimony.errors import SpecError, SpecMismatch
+from parsimony.spec import (
+    BATCH_DIM,
+    DTYPES,
+    DYNAMIC,
+    INPUT_NAME,
+    NAME_PATTERN,
+    DType,
+    ModelIOSpec,
+    TensorSpec,
+    load_onnx,
+    validate_name,
+)
+from parsimony.tasks import model_io_spec
 from training.models.config import ModelConfig
 
-INPUT_NAME = "image"
-BATCH_DIM = "batch"  # name of the dynamic batch dimension in the ONNX graph
-DYNAMIC = -1
-NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-@dataclass(frozen=True)
-class DType:
-    """One element type in every vocabulary that needs it."""
-
-    numpy: type
-    onnx: int  # onnx.TensorProto element type
-    triton: str  # Triton config.pbtxt data_type
-
-
-DTYPES: dict[str, DType] = {
-    "float32": DType(np.float32, onnx.TensorProto.FLOAT, "TYPE_FP32"),
-    "float16": DType(np.float16, onnx.TensorProto.FLOAT16, "TYPE_FP16"),
-    "int64": DType(np.int64, onnx.TensorProto.INT64, "TYPE_INT64"),
-    "int32": DType(np.int32, onnx.TensorProto.INT32, "TYPE_INT32"),
-    "uint8": DType(np.uint8, onnx.TensorProto.UINT8, "TYPE_UINT8"),
-    "bool": DType(np.bool_, onnx.TensorProto.BOOL, "TYPE_BOOL"),
-}
-
-
-class SpecError(ValueError):
-    """A tensor spec is invalid (bad name, dtype or shape); the message says how to fix it."""
-
-
-class SpecMismatch(ValueError):
-    """An ONNX graph does not match its tensor spec; the message lists every difference."""
-
-
-def validate_name(name: str, what: str = "tensor") -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise SpecError(
-            f"{what} name {name!r} is not valid for ONNX and Triton: use letters, digits and '_' and do "
-            f"not start with a digit (pattern {NAME_PATTERN.pattern}); rename the task in the data set's "
-            f"task list or the model config"
-        )
-    return name
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, dtype (a key of ``DTYPES``) and shape (``-1`` marks a dynamic dimension)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        validate_name(self.name)
-        if self.dtype not in DTYPES:
-            raise SpecError(
-                f"tensor {self.name!r}: unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}"
-            )
-        shape = tuple(self.shape)
-        if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in shape):
-            raise SpecError(f"tensor {self.name!r}: shape {self.shape!r} must be a tuple of ints")
-        if any(d < 1 and d != DYNAMIC for d in shape):
-            raise SpecError(
-                f"tensor {self.name!r}: dims must be positive or {DYNAMIC} (dynamic), got {shape}"
-            )
-        object.__setattr__(self, "shape", tuple(int(d) for d in shape))
-
-    @property
-    def rank(self) -> int:
-        return len(self.shape)
-
-    @property
-    def element_type(self) -> DType:
-        return DTYPES[self.dtype]
-
-    def dim_names(self) -> dict[int, str]:
-        """Names of the dynamic dims, as ``torch.onnx.export(dynamic_axes=...)`` takes them."""
-        return {
-            i: BATCH_DIM if i == 0 else f"{self.name}_dim{i}"
-            for i, d in enumerate(self.shape)
-            if d == DYNAMIC
-        }
-
-    def concrete_shape(self, batch: int) -> tuple[int, ...]:
-        """The shape with the batch dimension (dim 0, when dynamic) set to ``batch``."""
-        return tuple(batch if (i == 0 and d == DYNAMIC) else d for i, d in enumerate(self.shape))
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TensorSpec:
-        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
-
-
-@dataclass(frozen=True)
-class ModelIOSpec:
-    """All inputs and outputs of an exported model, in graph order; names are unique."""
-
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "outputs", tuple(self.outputs))
-        if not self.inputs or not self.outputs:
-            raise SpecError("a model spec needs at least one input and one output")
-        names = [t.name for t in self.inputs + self.outputs]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise SpecError(
-                f"tensor names {dupes} are used twice; inputs and outputs share one namespace "
-                f"(a task cannot be called {INPUT_NAME!r})"
-            )
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
-
-    def tensor(self, name: str) -> TensorSpec:
-        for t in self.inputs + self.outputs:
-            if t.name == name:
-                return t
-        raise KeyError(f"no tensor {name!r} in the spec; it has {list(self.input_names + self.output_names)}")
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {t.name: t.dim_names() for t in self.inputs + self.outputs if t.dim_names()}
-
-    def to_dict(self) -> dict:
-        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelIOSpec:
-        try:
-            return cls(
-                inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-                outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
-            )
-        except (KeyError, TypeError) as exc:
-            raise SpecError(
-                f"malformed io spec {d!r}: {exc!r}; expected inputs/outputs lists of {{name, dtype, shape}}"
-            ) from exc
-
-    def check_against_onnx(self, onnx_model: onnx.ModelProto | str | Path) -> None:
-        """Raise `SpecMismatch` unless the graph's inputs and outputs have exactly the spec's names,
-        element types, ranks and dims (a spec's ``-1`` must be a dynamic dim in the graph, a fixed
-        dim the same fixed value). Order is not compared: serving addresses tensors by name."""
-        model = onnx_model if isinstance(onnx_model, onnx.ModelProto) else load_onnx(onnx_model)
-        initializers = {i.name for i in model.graph.initializer}
-        graph_inputs = [v for v in model.graph.input if v.name not in initializers]
-        problems = _compare("input", self.inputs, graph_inputs) + _compare(
-            "output", self.outputs, model.graph.output
-        )
-        if problems:
-            raise SpecMismatch("ONNX graph does not match the tensor spec:\n  " + "\n  ".join(problems))
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """An ONNX file, refused with an `InputFileError` naming it when it is missing or not ONNX."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"{path}: ONNX model not found")
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # protobuf's DecodeError and onnx's own errors: a truncated or corrupt file
-        raise InputFileError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+__all__ = ["BATCH_DIM", "DTYPES", "DYNAMIC", "INPUT_NAME", "NAME_PATTERN", "DType", "ModelIOSpec", "SpecError",
+           "SpecMismatch", "TensorSpec", "io_spec", "load_onnx", "validate_name"]
 
 
 def io_spec(model_config: ModelConfig, image_size: tuple[int, int]) -> ModelIOSpec:
     """The spec of a model built from ``model_config`` and exported at ``image_size`` (H, W)."""
-    h, w = _image_size(image_size)
-    image = TensorSpec(INPUT_NAME, "float32", (DYNAMIC, model_config.encoder.in_channels, h, w))
-    outputs = []
-    for task in model_config.tasks:
-        validate_name(task.name, f"task ({task.kind})")
-        if task.kind == "attributes":
-            shape: tuple[int, ...] = (DYNAMIC, task.channels)
-        else:  # dense kinds: TaskSpec fixes depth to 1 and normal to 3 channels
-            shape = (DYNAMIC, task.channels, h, w)
-        outputs.append(TensorSpec(task.name, "float32", shape))
-    return ModelIOSpec(inputs=(image,), outputs=tuple(outputs))
-
-
-def _image_size(image_size: tuple[int, int]) -> tuple[int, int]:
-    size = tuple(image_size)
-    if len(size) != 2 or any(
-        isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in size
-    ):
-        raise SpecError(f"image_size must be (height, width) with positive ints, got {image_size!r}")
-    return int(size[0]), int(size[1])
-
-
-def _compare(role: str, specs: tuple[TensorSpec, ...], values) -> list[str]:
-    by_name = {v.name: v for v in values}
-    problems = []
-    missing = [t.name for t in specs if t.name not in by_name]
-    extra = sorted(set(by_name) - {t.name for t in specs})
-    if missing:
-        problems.append(f"{role}s {missing} are in the spec but not in the graph")
-    if extra:
-        problems.append(f"graph {role}s {extra} are not in the spec (graph has {sorted(by_name)})")
-    for t in specs:
-        if t.name in by_name:
-            problems += _compare_one(role, t, by_name[t.name].type.tensor_type)
-    return problems
-
-
-def _compare_one(role: str, spec: TensorSpec, tensor_type) -> list[str]:
-    where = f"{role} {spec.name!r}"
-    problems = []
-    if tensor_type.elem_type != spec.element_type.onnx:
-        got = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
-        want = onnx.TensorProto.DataType.Name(spec.element_type.onnx)
-        problems.append(f"{where}: element type {got}, spec says {want} ({spec.dtype})")
-    if not tensor_type.HasField("shape"):
-        return problems + [f"{where}: graph declares no shape, spec says {list(spec.shape)}"]
-    dims = list(tensor_type.shape.dim)
-    if len(dims) != spec.rank:
-        return problems + [f"{where}: rank {len(dims)}, spec says {spec.rank} {list(spec.shape)}"]
-    for i, (dim, want) in enumerate(zip(dims, spec.shape, strict=True)):
-        fixed = dim.dim_value if dim.HasField("dim_value") else None
-        if want == DYNAMIC and fixed is not None:
-            problems.append(f"{where}: dim {i} is fixed to {fixed}, spec says dynamic")
-        elif want != DYNAMIC and fixed != want:
-            shown = fixed if fixed is not None else f"dynamic ({dim.dim_param or 'unnamed'})"
-            problems.append(f"{where}: dim {i} is {shown}, spec says {want}")
-    return problems
+    return model_io_spec(model_config.tasks, image_size, model_config.encoder.in_channels)

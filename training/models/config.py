@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from parsimony.errors import ConfigError  # raised for an inconsistent model config; importable from here too
 from training.tasks import TaskSpec
 
 BlockKind = Literal["basic", "bottleneck"]
@@ -156,10 +157,6 @@ class ModelConfig:
             input_std=tuple(d.get("input_std", IMAGENET_STD)),
             name=d.get("name", ""),
         )
-
-
-class ConfigError(ValueError):
-    """A model configuration is inconsistent; the message names the field and how to fix it."""
 
 
 def _validate_encoder(cfg: EncoderConfig) -> None:

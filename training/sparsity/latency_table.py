@@ -38,6 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from parsimony import onnxrt
+from parsimony.io import atomic_write_json
+
 log = logging.getLogger("training")
 
 TABLE_FORMAT = "parsimony.latency-table/1"
@@ -156,7 +159,6 @@ def conv_shapes(model: nn.Module, convs: Sequence[str], image_size: tuple[int, i
 def measure_layer(shape: ConvShape, cin: Sequence[int], cout: Sequence[int], batch: int,
                   threads: int | None) -> LayerTable:
     """One profiled ONNX Runtime session over the layer's whole grid."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -181,12 +183,7 @@ def measure_layer(shape: ConvShape, cin: Sequence[int], cout: Sequence[int], bat
     graph = helper.make_graph(nodes, "latency_table", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "profile")
-        if threads:
-            opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = onnxrt.session(model.SerializeToString(), threads=threads or 0, profile=Path(tmp) / "profile")
         feed = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
         for _ in range(PROFILE_RUNS + 2):
             session.run(None, feed)
@@ -241,11 +238,11 @@ def time_onnx(paths: Sequence[Path], image_size: tuple[int, int], batch: int, th
               rounds: int = 4, repeats: int = 6) -> list[list[float]]:
     """Every timed run (ms) of each ONNX file, timed in alternating rounds so that load from other
     work hits all of them alike."""
-    from training.speed import example_batch, ort_session
+    from training.speed import example_batch
     from training.timing import sample_ms
 
     x = example_batch(image_size, batch).numpy()
-    sessions = [ort_session(Path(p), threads) for p in paths]
+    sessions = [onnxrt.session(p, threads=threads or 0) for p in paths]
     times: list[list[float]] = [[] for _ in paths]
     for _ in range(rounds):
         for s, out in zip(sessions, times, strict=True):
@@ -327,8 +324,6 @@ def load_or_measure(path: Path, model: nn.Module, convs: Mapping[str, tuple[int,
     log.info("measuring the per-layer latency table (ONNX Runtime, batch %d, %s threads) into %s",
              batch, threads or "default", path)
     table = measure_table(model, convs, image_size, batch=batch, threads=threads, round_to=round_to, key=key)
-    from training.io import atomic_write_json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, table.to_dict())
     log.info("latency table: dense model %.2f ms measured; prediction %.2f ms + %.2f x the tabled convs",

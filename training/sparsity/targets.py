@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from training.config import ConfigError
+from parsimony.errors import ConfigError
 
 TARGET_KINDS: tuple[str, ...] = ("zero_groups", "macs", "latency_ms")
 GROUP_WEIGHTS: tuple[str, ...] = ("size", "macs", "latency")
