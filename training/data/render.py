@@ -232,3 +232,18 @@ def invalid_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     mask[:, :width] = True
     mask[:, w - width:] = True
     return mask
+
+
+def boundaries(*maps: np.ndarray) -> np.ndarray:
+    """Float32 ``[1, H, W]``: 1 where a pixel differs from its right or lower neighbour in any of
+    the ``[H, W]`` id ``maps`` (class, instance), on both pixels of the pair, else 0. A boundary is
+    thus 2 px wide, one on each side, at the size the maps are rendered at."""
+    edge = np.zeros(maps[0].shape, bool)
+    for ids in maps:
+        across = ids[:, 1:] != ids[:, :-1]
+        edge[:, 1:] |= across
+        edge[:, :-1] |= across
+        down = ids[1:] != ids[:-1]
+        edge[1:] |= down
+        edge[:-1] |= down
+    return edge[None].astype(np.float32)

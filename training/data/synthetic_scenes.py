@@ -10,6 +10,9 @@ analytic ray-primitive intersections give the nearest hit, from which all target
 - ``normal``: the hit surface's geometric unit normal in the camera frame (x right, y down,
   z forward, the OpenCV convention), always facing the camera (``dot(normal, ray) < 0``);
   (0, 0, 0) = invalid. It is consistent with depth: the floor has one normal everywhere.
+- ``edges``: 1 where two classes or two objects meet (the room's surfaces have no identity
+  beyond their class: wall meets wall is no boundary), 2 px wide (one on each side) at the
+  rendered size; -1 = invalid. Only when asked for by name (the default tasks are the others).
 
 The RGB image is Lambertian shading (ambient + one shadow-casting and one optional soft light) of
 procedural per-class textures (planks/tiles/carpet floors, plain/striped/panelled walls, crates
@@ -42,7 +45,9 @@ TASKS = (
     TaskSpec("segmentation", "segmentation", len(CLASSES), CLASSES),
     TaskSpec("depth", "depth", 1),
     TaskSpec("normal", "normal", 3),
+    TaskSpec("edges", "edges", 1),
 )
+DEFAULT_TASKS = TASKS[:3]  # what a data set spec without a task list gets
 DEFAULT_SIZE = (96, 128)
 DEFAULT_LENGTHS = {"train": 800, "val": 200, "test": 200}
 OPTIONS = {"cache": None, "invalid_pixels": True}
@@ -371,12 +376,14 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int],
     normal = np.einsum("ji,jhw->ihw", scene.camera.axes.astype(np.float32), normal)  # world -> camera
     normal /= np.sqrt(dot(normal, normal))
     out = {"image": render.finish_image(rgb, rng, blur=0.3), "segmentation": label,
-           "depth": t[None].astype(np.float32), "normal": normal.astype(np.float32)}
+           "depth": t[None].astype(np.float32), "normal": normal.astype(np.float32),
+           "edges": render.boundaries(label, hit)}  # hit: the object index, -1 for the room
     if invalid_pixels:
         bad = render.invalid_mask(rng, h, w)
         out["segmentation"][bad] = -1
         out["depth"][:, bad] = 0.0
         out["normal"][:, bad] = 0.0
+        out["edges"][:, bad] = -1.0
     return out
 
 
@@ -387,7 +394,7 @@ def build(split: str, spec: DatasetSpec) -> tuple[synthetic.SyntheticDataset, Da
     synthetic.require_bool(NAME, options, "invalid_pixels")
     size = synthetic.resolve_size(NAME, spec, DEFAULT_SIZE)
     length = synthetic.resolve_length(NAME, spec, DEFAULT_LENGTHS, split)
-    tasks = synthetic.resolve_tasks(NAME, TASKS, spec.tasks)
+    tasks = synthetic.resolve_tasks(NAME, TASKS, spec.tasks, DEFAULT_TASKS)
     renderer = partial(render_scene, invalid_pixels=options["invalid_pixels"])
     cache = synthetic.resolve_cache(NAME, options, length, size)
     dataset = synthetic.SyntheticDataset(split=split, spec=spec, tasks=tasks, image_size=size, length=length,
