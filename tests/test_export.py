@@ -423,3 +423,29 @@ def test_load_manifest_errors(tmp_path: Path, content: str | None, match: str) -
         path.write_text(content)
     with pytest.raises(ManifestError, match=match):
         load_manifest(path)
+
+
+def test_manifest_task_sections_keep_their_keys(manifest_and_checkpoint) -> None:
+    """Readers written against earlier manifests find every key they used, for every kind."""
+    manifest, _, _ = manifest_and_checkpoint
+    base = {"name", "kind", "output", "channels", "semantics"}
+    assert {t["name"]: set(t) for t in manifest["tasks"]} == {
+        "seg": base | {"class_names"},
+        "depth": base | {"unit", "value_range"},
+        "normal": base,
+        "attr": base | {"attribute_names"},
+    }
+    assert all(t["output"] == t["name"] for t in manifest["tasks"])
+
+
+def test_an_edges_task_is_exported_with_its_kinds_section(tmp_path: Path) -> None:
+    edges = TaskSpec("edges", "edges", 1)
+    model = _tiny((SEG, edges))
+    report = export_onnx(model, tmp_path / "model.onnx", image_size=TINY_SIZE, check_batch_sizes=(1,))
+    assert report.io_spec.tensor("edges") == TensorSpec("edges", "float32", (-1, 1, *TINY_SIZE))
+    write_manifest(tmp_path / "manifest.json", build_manifest(model, report.io_spec, image_size=TINY_SIZE,
+                                                              report=report))
+    section = next(t for t in load_manifest(tmp_path).to_dict()["tasks"] if t["kind"] == "edges")
+    semantics = section.pop("semantics")
+    assert section == {"name": "edges", "kind": "edges", "output": "edges", "channels": 1}
+    assert "sigmoid" in semantics and "boundary" in semantics

@@ -13,8 +13,8 @@ Everything is built in a hidden staging folder inside RUN_DIR and moved into pla
 check passed: first the compact folder (when this command made it), then model.onnx, then
 manifest.json. A failure at any point leaves RUN_DIR as it was. Because the manifest names the
 digest of its graph, a reader can tell a pair interrupted between the last two renames
-(`parsimony.manifest.Manifest.verify_onnx`). Damaged inputs stop the command with one line naming the file and field,
-exit status 2.
+(`parsimony.manifest.Manifest.verify_onnx`). Damaged inputs stop the command with one line naming
+the file and field, exit status 2.
 """
 
 from __future__ import annotations
