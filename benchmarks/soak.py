@@ -57,9 +57,9 @@ RETRY_FOREVER = RetryPolicy(max_attempts=None, initial_backoff=0.02, max_backoff
 # --- the gateway under test -----------------------------------------------------------------------
 
 
-def wait_http_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until the gateway at ``url`` answers /readyz with 200; raises when its process ``proc`` exits
-    first (with its stderr, when piped) or ``timeout`` passes."""
+def wait_http_ready(url: str, proc: subprocess.Popen, timeout: float = 120, poll: float = 0.1) -> None:
+    """Until the gateway at ``url`` answers /readyz with 200 (asked every ``poll`` seconds); raises
+    when its process ``proc`` exits first (with its stderr, when piped) or ``timeout`` passes."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -70,7 +70,7 @@ def wait_http_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> N
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.1)
+        time.sleep(poll)
     raise TimeoutError("the gateway did not become ready")
 
 
