@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from clients.client import DEFAULT_RETRY
+from clients.client import DEFAULT_RETRY, DEFAULT_TIMEOUT
 from clients.errors import ClientError
 from clients.retry import RetryPolicy
 from clients.transport import TLS
@@ -25,7 +25,8 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
                        help="HOST:PORT (gRPC by default), or grpc://, grpcs://, http://, https:// URLs")
     group.add_argument("--http", action="store_true", help="use the HTTP API (HOST:PORT is the HTTP port)")
     group.add_argument("--model", help="model name (default: the only model the server serves)")
-    group.add_argument("--timeout", type=float, default=30.0, help="deadline per call in seconds (default 30)")
+    group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                       help="deadline per call in seconds (default %(default)s)")
     group.add_argument("--retries", type=int, default=DEFAULT_RETRY.max_attempts - 1,
                        help="retries on UNAVAILABLE, with exponential backoff (default %(default)s)")
     group.add_argument("--tls", action="store_true", help="TLS with the system's trusted roots")

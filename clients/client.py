@@ -38,6 +38,7 @@ from clients.transport import (
 )
 from clients.types import ModelInfo, Prediction
 
+DEFAULT_TIMEOUT = 30.0  # seconds: the deadline of a call that names none
 DEFAULT_RETRY = RetryPolicy()
 READY_POLL = RetryPolicy(max_attempts=None, initial_backoff=0.05, max_backoff=0.5)
 
@@ -46,7 +47,7 @@ class _Methods:
     """The API, shared by both clients (on `AsyncClient` every method returns an awaitable)."""
 
     def __init__(self, server: str, *, protocol: str | None = None, tls: TLS | bool | None = None,
-                 timeout: float | None = 30.0, retry: RetryPolicy = DEFAULT_RETRY,
+                 timeout: float | None = DEFAULT_TIMEOUT, retry: RetryPolicy = DEFAULT_RETRY,
                  grpc_options: Sequence[tuple] = (), connections: int | None = None) -> None:
         """``server``: an address (see `clients.transport`); ``timeout``: default deadline per call in seconds
         (None: none); ``retry``: what to do on UNAVAILABLE; ``connections``: HTTP connection pool size."""

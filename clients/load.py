@@ -26,6 +26,7 @@ from clients.client import Client
 from clients.errors import ClientError
 
 log = logging.getLogger("clients.load")
+DEFAULT_DURATION = 10.0  # seconds, when neither --duration nor --requests bounds the run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load = parser.add_argument_group("load")
     load.add_argument("--concurrency", "-c", type=int, default=8, help="workers (closed loop) or cap on outstanding "
                                                                          "requests (open loop); default %(default)s")
-    load.add_argument("--duration", "-d", type=float, help="seconds of issuing requests (default 10 without --requests)")
+    load.add_argument("--duration", "-d", type=float, help=f"seconds of issuing requests (default {DEFAULT_DURATION:g} without --requests)")
     load.add_argument("--requests", "-n", type=int, help="requests to issue (arrivals, in the open loop)")
     load.add_argument("--rate", "-r", type=float, help="open loop: arrivals per second")
     load.add_argument("--arrivals", choices=loadgen.ARRIVALS, default="poisson", help="open-loop arrival process")
@@ -44,12 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--resize", action="store_true", help="resize --image to the model's input (bilinear)")
     load.add_argument("--tasks", help="comma-separated tasks to ask for (default: every task)")
     load.add_argument("--float16", action="store_true", help="ask for float16 outputs")
-    load.add_argument("--warmup", type=int, default=0, help="unmeasured requests first (default 0)")
+    load.add_argument("--warmup", type=int, default=0, help="unmeasured requests first (default %(default)s)")
     load.add_argument("--json", nargs="?", const="-", metavar="PATH",
                       help="print the report as JSON instead of the table (with PATH: write it there)")
     args = parser.parse_args(argv)
     if args.duration is None and args.requests is None:
-        args.duration = 10.0
+        args.duration = DEFAULT_DURATION
     try:  # before connecting: a bad setting should not read as a server problem
         loadgen.check_bounds(args.concurrency, args.duration, args.requests, args.rate, args.arrivals)
     except ValueError as exc:

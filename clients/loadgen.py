@@ -42,7 +42,7 @@ from PIL import Image
 
 from clients.calls import ImageInput
 from clients.cli import choose_model
-from clients.client import AsyncClient
+from clients.client import DEFAULT_TIMEOUT, AsyncClient
 from clients.errors import ClientError
 from clients.retry import NO_RETRY
 from clients.types import ModelInfo, Prediction
@@ -159,7 +159,7 @@ def check_bounds(concurrency: int, duration: float | None, requests: int | None,
 async def measure(client: AsyncClient, model: str, image: ImageInput, *, concurrency: int = 8,
                   duration: float | None = 10.0, requests: int | None = None, rate: float | None = None,
                   arrivals: str = "poisson", late_ms: float = 10.0, tasks: Sequence[str] | None = None,
-                  output_dtype: str = "float32", timeout: float | None = 30.0, seed: int = 0,
+                  output_dtype: str = "float32", timeout: float | None = DEFAULT_TIMEOUT, seed: int = 0,
                   progress: Progress | None = None, progress_interval: float = 1.0) -> dict:
     """Run one bounded load with an open client and return the report (without server/model fields)."""
     check_bounds(concurrency, duration, requests, rate, arrivals)
@@ -214,7 +214,7 @@ async def load(server: str, model: str | None = None, image: ImageInput | None =
                protocol: str | None = None, tls=None, retry=NO_RETRY, concurrency: int = 8, **measure_options) -> dict:
     """Connect, pick the model (the only one served, unless named), send ``warmup`` requests unmeasured,
     then `measure`. ``image`` defaults to `synthetic_image`; other options as in `measure`."""
-    async with AsyncClient(server, protocol=protocol, tls=tls, retry=retry, timeout=measure_options.get("timeout", 30.0),
+    async with AsyncClient(server, protocol=protocol, tls=tls, retry=retry, timeout=measure_options.get("timeout", DEFAULT_TIMEOUT),
                            connections=concurrency) as client:
         info = choose_model(await client.list_models(), model)
         image = synthetic_image(info) if image is None else image
