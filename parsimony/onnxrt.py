@@ -23,19 +23,27 @@ def session_options(threads: int = 0, spinning: str = "always", profile: str | P
     ONNX Runtime's profiler records every run (``session.end_profiling()`` returns the trace's path)."""
     import onnxruntime as ort
 
-    if spinning not in SPINNING:
-        raise ValueError(f"unknown spinning mode {spinning!r}; choose one of {sorted(SPINNING)}")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    allow, stop = SPINNING[spinning]
-    options.add_session_config_entry("session.intra_op.allow_spinning", allow)
-    options.add_session_config_entry("session.force_spinning_stop", stop)
+    for name, value in session_settings(threads, spinning).items():
+        if "." in name:
+            options.add_session_config_entry(name, value)
+        else:
+            setattr(options, name, int(value))
     if profile is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile)
     return options
+
+
+def session_settings(threads: int = 0, spinning: str = "always") -> dict[str, str]:
+    """What `session_options` sets, as ``{name: value}`` strings: ``SessionOptions`` attributes (integers)
+    and session config entries (names with a dot). Triton's python backend, which cannot import this
+    package, gets them as its config's parameters and applies them the same way."""
+    if spinning not in SPINNING:
+        raise ValueError(f"unknown spinning mode {spinning!r}; choose one of {sorted(SPINNING)}")
+    allow, stop = SPINNING[spinning]
+    return {"intra_op_num_threads": str(int(threads)), "inter_op_num_threads": "1", "log_severity_level": "3",
+            "session.intra_op.allow_spinning": allow, "session.force_spinning_stop": stop}
 
 
 def session(model: str | Path | bytes, *, threads: int = 0, spinning: str = "always",

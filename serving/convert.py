@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from parsimony.layout import MANIFEST_FILE, MODEL_CONFIG_FILE, ONNX_FILE
+from parsimony.manifest import sha256_file
 from serving import repository as repo_layout
 from serving.export_check import ConvertError, ExportedModel, label_files, load_export
 from serving.tensorrt_build import (
@@ -51,13 +53,11 @@ from serving.triton_config import (
     parse_config,
     render,
 )
-from training.artifacts import MANIFEST_FILE, ONNX_FILE
-from training.export.manifest import sha256_file
 
 __all__ = ["ConvertError", "ConvertResult", "ExportedModel", "convert", "label_files", "load_export", "main"]
 
 log = logging.getLogger("serving")
-PYTHON_MODEL = "model.py"
+PYTHON_MODEL = FORMATS["python"].model_file
 TIMING_CACHE = ".tensorrt-timing.cache"  # per repository, next to the models (Triton ignores files there)
 # Test hook, read once by main(): comma-separated write steps (repository.WRITE_STEPS, or "onnx-copied")
 # at which the process announces "paused at STEP" on stderr and waits to be killed.
@@ -96,7 +96,7 @@ def convert(
     _check_existing_model(repository, name, options, export)
     if options.format == "tensorrt" and plan is None:
         require_tensorrt()
-    model_files = {repo_layout.CONFIG_FILE: config_text, **dict(labels.values())}
+    model_files = {MODEL_CONFIG_FILE: config_text, **dict(labels.values())}
     cache = timing_cache or repository / TIMING_CACHE
     version_dir = _write_model(repository, name, model_files,
                                lambda folder: STAGERS[options.format](folder, export, options, plan, cache))
@@ -124,13 +124,13 @@ def _write_model(repository: Path, name: str, model_files: dict[str, str], fill)
 
 def _is_new_model(repository: Path, name: str) -> bool:
     folder = repo_layout.model_dir(repository, name)
-    return not folder.exists() or (not (folder / repo_layout.CONFIG_FILE).exists() and not any(folder.iterdir()))
+    return not folder.exists() or (not (folder / MODEL_CONFIG_FILE).exists() and not any(folder.iterdir()))
 
 
 def _stage_onnx(folder: Path, export: ExportedModel, *_unused) -> None:
     shutil.copy2(export.onnx_path, folder / ONNX_FILE)
     repo_layout.step("onnx-copied")
-    shutil.copy2(export.directory / MANIFEST_FILE, folder / repo_layout.MANIFEST_FILE)
+    shutil.copy2(export.directory / MANIFEST_FILE, folder / MANIFEST_FILE)
     if sha256_file(folder / ONNX_FILE) != export.onnx_sha256:
         raise ConvertError(f"{export.onnx_path} changed while it was being copied; run the conversion again")
 
@@ -174,7 +174,7 @@ def _check_existing_model(repository: Path, name: str, options: ServingOptions, 
     """Refuse to add a version in another format or with other tensors: one config serves all
     versions of a model, and the config in place serves the new version until it is rewritten."""
     folder = repo_layout.model_dir(repository, name)
-    path = folder / repo_layout.CONFIG_FILE
+    path = folder / MODEL_CONFIG_FILE
     if not path.is_file():
         if folder.is_dir() and any(folder.iterdir()):
             raise ConvertError(f"{folder} exists without a {path.name}, so it is no model this tool wrote: "
@@ -203,7 +203,7 @@ def describe(result: ConvertResult, options: ServingOptions) -> str:
     fmt = options.model_format
     how = fmt.platform or f"{fmt.backend} backend"
     text = (f"wrote {result.version_dir} ({how}, max batch {options.max_batch}, {options.instances} "
-            f"{options.device.upper()} instance(s)); config {result.model_dir / repo_layout.CONFIG_FILE}")
+            f"{options.device.upper()} instance(s)); config {result.model_dir / MODEL_CONFIG_FILE}")
     if result.removed:
         text += f"; pruned versions {list(result.removed)}"
     return text
@@ -212,19 +212,24 @@ def describe(result: ConvertResult, options: ServingOptions) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, help="a folder with model.onnx and manifest.json (a training.run)")
+    d = ServingOptions.default
+    p.add_argument("run_dir", type=Path, help=f"a folder with {ONNX_FILE} and {MANIFEST_FILE} (a training run)")
     p.add_argument("--repository", type=Path, default=Path("model_repository"), help="the Triton model repository")
     p.add_argument("--name", required=True, help="the model's name in Triton (its folder name)")
-    p.add_argument("--format", default="onnx", help=f"one of {', '.join(FORMATS)} (default onnx)")
+    p.add_argument("--format", default=d("format"), help=f"one of {', '.join(FORMATS)} (default {d('format')})")
     p.add_argument("--fp16", action="store_true", help="FP16 TensorRT (tensorrt, or onnx with --tensorrt-accelerator)")
-    p.add_argument("--max-batch", type=int, default=8, help="max_batch_size and the largest preferred batch")
-    p.add_argument("--instances", type=int, default=1, help="model instances (copies) per device")
+    p.add_argument("--max-batch", type=int, default=d("max_batch"),
+                   help=f"max_batch_size and the largest preferred batch (default {d('max_batch')})")
+    p.add_argument("--instances", type=int, default=d("instances"),
+                   help=f"model instances (copies) per device (default {d('instances')})")
     p.add_argument("--device", choices=("gpu", "cpu"), help="instance kind (default: gpu, cpu for python)")
     p.add_argument("--keep", type=int, help="keep only the newest N versions")
     p.add_argument("--tensorrt-accelerator", action="store_true",
                    help="onnx: let ONNX Runtime run the graph through TensorRT on the GPU")
-    p.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batching queue delay (µs)")
-    p.add_argument("--threads", type=int, default=0, help="python: ONNX Runtime threads per instance (0: its default)")
+    p.add_argument("--queue-delay-us", type=int, default=d("queue_delay_us"),
+                   help=f"dynamic batching queue delay (µs, default {d('queue_delay_us')})")
+    p.add_argument("--threads", type=int, default=d("intra_op_threads"),
+                   help=f"python: ONNX Runtime threads per instance (default {d('intra_op_threads')}: its default)")
     p.add_argument("--no-warmup", action="store_true", help="do not declare warm-up requests")
     p.add_argument("--plan", type=Path, help="tensorrt: install this prebuilt plan instead of building one")
     p.add_argument("--timing-cache", type=Path, help=f"tensorrt: timing cache file (default REPOSITORY/{TIMING_CACHE})")

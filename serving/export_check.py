@@ -1,11 +1,11 @@
 """A run's export as serving reads it, checked at the boundary before anything is written.
 
-`load_export(run_dir)` reads ``manifest.json`` and ``model.onnx`` and raises `ConvertError` (or the
-manifest reader's `ManifestError`) naming the file, the field and what was expected when either is
-damaged: unreadable or truncated JSON, a missing key, a wrong type (``tasks`` not a list,
-``channels`` as a string, …), a task kind the gateway does not know, tasks whose outputs or
-channels the tensor spec contradicts, label lists of the wrong length, an ONNX file that does not
-parse or does not pass ``onnx.checker``, a graph whose inputs and outputs differ from the tensor spec.
+`load_export(run_dir)` reads ``manifest.json`` (through `parsimony.manifest.Manifest`, which refuses
+unreadable or truncated JSON, a missing key, a wrong type, an unknown task kind, naming the field)
+and ``model.onnx``, and raises `ConvertError` (or the manifest's `ManifestError`) naming the file,
+the field and what was expected for what serving needs beyond that: tasks whose outputs or channels
+the tensor spec contradicts, label lists of the wrong length, an ONNX file that does not parse or
+does not pass ``onnx.checker``, a graph whose inputs and outputs differ from the tensor spec.
 
 The manifest's ``onnx_sha256`` (hex SHA-256 of ``model.onnx``, written by ``training.export``) ties
 the graph to the manifest that describes it: a ``model.onnx`` replaced after the export (a failed
@@ -20,15 +20,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from parsimony.errors import SpecError
+from parsimony.layout import export_files
+from parsimony.manifest import Manifest, TaskSection, sha256_file
+from parsimony.spec import INPUT_NAME, ModelIOSpec
+from parsimony.tasks import kind
 from serving import repository as repo_layout
-from serving.server.metadata import TASK_KINDS
-from training.artifacts import MANIFEST_FILE, ONNX_FILE
-from training.export.manifest import load_manifest, manifest_io_spec, sha256_file
-from training.export.spec import INPUT_NAME, ModelIOSpec
 
 log = logging.getLogger("serving")
 DIGEST_FIELD = "onnx_sha256"
-LABELLED_KINDS = {"segmentation": "class_names", "attributes": "attribute_names"}
 _REEXPORT = "re-export the run with `python -m training.export RUN_DIR`"
 
 
@@ -42,7 +42,7 @@ class ExportedModel:
 
     directory: Path
     onnx_path: Path
-    manifest: dict
+    manifest: Manifest
     spec: ModelIOSpec
     onnx_sha256: str  # of the file as checked; a copy must hash the same
 
@@ -51,38 +51,35 @@ def load_export(run_dir: Path) -> ExportedModel:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConvertError(f"run directory {run_dir} does not exist; pass a training.run output folder")
-    missing = [f for f in (ONNX_FILE, MANIFEST_FILE) if not (run_dir / f).is_file()]
+    onnx_path, manifest_path = export_files(run_dir)
+    missing = [p.name for p in (onnx_path, manifest_path) if not p.is_file()]
     if missing:
         raise ConvertError(
             f"{run_dir} has no export ({' and '.join(missing)} missing); run `python -m training.export "
             f"{run_dir}` first (training.run does it at the end unless --no-export)"
         )
-    manifest_path, onnx_path = run_dir / MANIFEST_FILE, run_dir / ONNX_FILE
-    manifest = load_manifest(manifest_path)  # refuses missing keys and wrong types, naming the field
-    if type(manifest["format_version"]) is not int:  # load_manifest compares with ==, and True == 1
-        raise ConvertError(f"{manifest_path}: field 'format_version': expected an integer, got "
-                           f"{manifest['format_version']!r}; {_REEXPORT}")
+    manifest = Manifest.load(manifest_path)  # refuses missing keys, wrong types and unknown kinds, naming the field
     spec = _check_spec(manifest, manifest_path)
-    _check_tasks(manifest["tasks"], spec, manifest_path)
-    digest = _check_digest(onnx_path, manifest.get(DIGEST_FIELD), manifest_path)
+    _check_tasks(manifest.tasks, spec, manifest_path)
+    digest = _check_digest(onnx_path, manifest.onnx_sha256, manifest_path)
     _check_graph(onnx_path, spec, manifest_path)
     return ExportedModel(run_dir, onnx_path, manifest, spec, digest)
 
 
-def label_files(manifest: dict) -> dict[str, tuple[str, str]]:
-    """``{output: (file name, text)}``: class names of segmentation tasks, names of attributes."""
+def label_files(manifest: Manifest) -> dict[str, tuple[str, str]]:
+    """``{output: (file name, text)}``: the channel names of every task whose kind names them
+    (class names, attribute names)."""
     files = {}
-    for task in manifest["tasks"]:
-        names = task.get("class_names") or task.get("attribute_names")
-        if names:
-            files[task["output"]] = (repo_layout.label_file(task["output"]), "".join(f"{n}\n" for n in names))
+    for task in manifest.task_infos:
+        if task.labels:
+            files[task.output_name] = (repo_layout.label_file(task.output_name), "".join(f"{n}\n" for n in task.labels))
     return files
 
 
-def _check_spec(manifest: dict, path: Path) -> ModelIOSpec:
+def _check_spec(manifest: Manifest, path: Path) -> ModelIOSpec:
     try:
-        spec = manifest_io_spec(manifest)
-    except ValueError as exc:
+        spec = manifest.tensor_spec
+    except SpecError as exc:
         raise ConvertError(f"{path}: field 'io_spec' is not a valid tensor spec ({exc}); {_REEXPORT}") from None
     image = spec.inputs[0]
     if spec.input_names != (INPUT_NAME,) or len(image.shape) != 4 or min(image.shape[1:]) < 1:
@@ -93,30 +90,28 @@ def _check_spec(manifest: dict, path: Path) -> ModelIOSpec:
     return spec
 
 
-def _check_tasks(tasks: list[dict], spec: ModelIOSpec, path: Path) -> None:
-    """What serving needs beyond the manifest's types: known kinds, one task per output, channels
-    and label names that agree with the output's shape."""
+def _check_tasks(tasks: list[TaskSection], spec: ModelIOSpec, path: Path) -> None:
+    """What serving needs beyond the manifest's types: one task per output, channels and label names
+    that agree with the output's shape."""
     outputs = {t.name: t for t in spec.outputs}
     seen = set()
     for i, task in enumerate(tasks):
         where = f"{path}: field 'tasks.{i}"
-        if task["kind"] not in TASK_KINDS:
-            raise ConvertError(f"{where}.kind': {task['kind']!r:.40} is none of {list(TASK_KINDS)}; {_REEXPORT}")
-        output = task["output"]
+        output = task.output
         if output not in outputs or output in seen:
             raise ConvertError(
                 f"{where}.output': {output!r} must be one of the outputs {list(outputs)} of io_spec, once; "
                 f"{_REEXPORT}"
             )
         seen.add(output)
-        shape, channels = outputs[output].shape, task["channels"]
+        shape, channels = outputs[output].shape, task.channels
         if len(shape) < 2 or shape[1] != channels:
             raise ConvertError(f"{where}.channels': {channels}, but io_spec gives output {output!r} the shape "
                                f"{list(shape)}; {_REEXPORT}")
-        names_field = LABELLED_KINDS.get(task["kind"])
-        names = task.get(names_field) if names_field else None
-        if names_field and (not isinstance(names, list) or len(names) != channels):
-            raise ConvertError(f"{where}.{names_field}': a {task['kind']} task needs a list of {channels} names "
+        names_field = kind(task.kind).labels_key
+        names = getattr(task, names_field) if names_field else None
+        if names_field and len(names) != channels:
+            raise ConvertError(f"{where}.{names_field}': a {task.kind} task needs a list of {channels} names "
                                f"(one per channel), got {names!r:.80}; {_REEXPORT}")
     if set(outputs) - seen:
         raise ConvertError(f"{path}: field 'tasks': no task describes the outputs {sorted(set(outputs) - seen)} of "

@@ -52,13 +52,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from parsimony.io import readable_mode
+from parsimony.layout import MANIFEST_FILE, MODEL_CONFIG_FILE, version_numbers
+from parsimony.manifest import Manifest
+from parsimony.spec import ModelIOSpec
 from serving.leftovers import owner_tag, stale_entries
-from training.export.manifest import load_manifest, manifest_io_spec
-from training.export.spec import ModelIOSpec
-from training.io import readable_mode
 
-CONFIG_FILE = "config.pbtxt"
-MANIFEST_FILE = "manifest.json"
 LABELS_SUFFIX = "_labels.txt"
 _STAGING_PREFIX = ".staging-"
 _TRASH_PREFIX = ".pruned-"
@@ -81,7 +80,7 @@ class ModelVersion:
     name: str
     version: int
     path: Path
-    manifest: dict
+    manifest: Manifest
     io_spec: ModelIOSpec
 
     @property
@@ -105,11 +104,7 @@ def model_dir(repo: Path, name: str) -> Path:
 
 def versions(repo: Path, name: str) -> list[int]:
     """Versions present (folders named by a positive integer), ascending; [] for a new model."""
-    directory = model_dir(repo, name)
-    if not directory.is_dir():
-        return []
-    found = (int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
-    return sorted(v for v in found if v > 0)
+    return version_numbers(model_dir(repo, name))
 
 
 def next_version(repo: Path, name: str) -> int:
@@ -140,8 +135,8 @@ def latest_version(repo: Path, name: str) -> Path:
 
 def read_version(repo: Path, name: str, version: int | None = None) -> ModelVersion:
     path = latest_version(repo, name) if version is None else version_path(repo, name, version)
-    manifest = load_manifest(path / MANIFEST_FILE)
-    return ModelVersion(name, int(path.name), path, manifest, manifest_io_spec(manifest))
+    manifest = Manifest.load(path / MANIFEST_FILE)
+    return ModelVersion(name, int(path.name), path, manifest, manifest.tensor_spec)
 
 
 def label_file(task: str) -> str:
@@ -153,10 +148,10 @@ def write_model_files(repo: Path, name: str, files: dict[str, str]) -> None:
     """Replace files at the top level of an existing model's folder, each atomically: the label
     files first (a config in place names the same ones), the config last (it makes Triton reload)."""
     directory = model_dir(repo, name)
-    write_files(directory, {f: text for f, text in files.items() if f != CONFIG_FILE})
+    write_files(directory, {f: text for f, text in files.items() if f != MODEL_CONFIG_FILE})
     step("labels-written")
-    if CONFIG_FILE in files:
-        write_files(directory, {CONFIG_FILE: files[CONFIG_FILE]})
+    if MODEL_CONFIG_FILE in files:
+        write_files(directory, {MODEL_CONFIG_FILE: files[MODEL_CONFIG_FILE]})
         step("config-written")
 
 

@@ -24,9 +24,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from parsimony.io import staged
+from parsimony.spec import ModelIOSpec
 from serving.ngc_release import NGC_RELEASE, TENSORRT_REQUIREMENT, TENSORRT_VERSION, same_release
-from training.export.spec import ModelIOSpec
-from training.io import staged
 
 log = logging.getLogger("serving.tensorrt_build")
 

@@ -2,7 +2,7 @@
 
 Writing the config by hand lets tensor names, dtypes and dims drift from the graph. Here every
 input and output comes from the same `ModelIOSpec` that named and checked the ONNX graph
-(``training/export/spec.py``), and the text is produced by ``google.protobuf.text_format`` from
+(`parsimony.spec`), and the text is produced by ``google.protobuf.text_format`` from
 ``tritonclient``'s generated ``model_config_pb2`` (a mistyped field or enum fails here, not in the
 server). `config_io_spec` maps a config back to a tensor spec, so a config can be checked against
 the graph it serves (``config_io_spec(parse_config(text)).check_against_onnx(path)``).
@@ -20,7 +20,10 @@ What the generated config holds, and why:
   ``--keep`` prunes them);
 - ``label_filename`` for segmentation classes and attribute names (files next to the config);
 - for ``onnx`` optionally the ONNX Runtime backend's TensorRT execution accelerator
-  (``precision_mode`` FP16 with ``--fp16``).
+  (``precision_mode`` FP16 with ``--fp16``);
+- for ``python`` the graph's file name and the ONNX Runtime session settings (the same as every other
+  session of this project builds, `parsimony.onnxrt`), as parameters: the model file that Triton runs
+  cannot import this project.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from parsimony import onnxrt
+from parsimony.errors import ConfigError
+from parsimony.layout import ONNX_FILE, TENSORRT_FILE
+from parsimony.spec import DTYPES, DYNAMIC, ModelIOSpec, TensorSpec
 from serving.tensorrt_build import profile_shapes
-from training.export.spec import DTYPES, DYNAMIC, ModelIOSpec, TensorSpec
 
 DEVICES = ("gpu", "cpu")
 _KINDS = {"gpu": mc.ModelInstanceGroup.KIND_GPU, "cpu": mc.ModelInstanceGroup.KIND_CPU}
@@ -41,10 +47,9 @@ DEFAULT_WORKSPACE_BYTES = 1 << 30
 # Where Triton's ONNX Runtime keeps the TensorRT engines it builds (--tensorrt-accelerator): a
 # writable volume in the Triton pod that outlives it (deploy/k8s/overlays/gpu mounts it here).
 ENGINE_CACHE_DIR = "/engine-cache"
-
-
-class ConfigError(ValueError):
-    """Options that Triton would reject or that contradict each other; the message says the fix."""
+# python format: the ONNX Runtime session settings (`parsimony.onnxrt.session_settings`) travel as
+# config parameters named with this prefix; the model (serving/python_backend/model.py) applies them
+ORT_PARAMETER = "onnxruntime."
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,8 @@ class ModelFormat:
 
 
 FORMATS: dict[str, ModelFormat] = {
-    "onnx": ModelFormat("onnx", "model.onnx", platform="onnxruntime_onnx"),
-    "tensorrt": ModelFormat("tensorrt", "model.plan", platform="tensorrt_plan", devices=("gpu",)),
+    "onnx": ModelFormat("onnx", ONNX_FILE, platform="onnxruntime_onnx"),
+    "tensorrt": ModelFormat("tensorrt", TENSORRT_FILE, platform="tensorrt_plan", devices=("gpu",)),
     "python": ModelFormat("python", "model.py", backend="python", devices=("cpu",), default_device="cpu"),
 }
 
@@ -113,6 +118,11 @@ class ServingOptions:
     def model_format(self) -> ModelFormat:
         return FORMATS[self.format]
 
+    @classmethod
+    def default(cls, name: str):
+        """The default of option ``name`` (the converter's ``--help`` shows these)."""
+        return cls.__dataclass_fields__[name].default
+
 
 def preferred_batch_sizes(max_batch: int) -> list[int]:
     """Powers of two from 2 up to ``max_batch``, and ``max_batch`` itself."""
@@ -147,7 +157,8 @@ def build_config(
         _tensorrt_accelerator(config, name, spec, options)
     if fmt.name == "python":
         config.parameters["onnx_file"].string_value = FORMATS["onnx"].model_file
-        config.parameters["intra_op_num_threads"].string_value = str(options.intra_op_threads)
+        for setting, value in onnxrt.session_settings(options.intra_op_threads).items():
+            config.parameters[f"{ORT_PARAMETER}{setting}"].string_value = value
     return config
 
 

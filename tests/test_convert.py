@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from parsimony.manifest import load_manifest
 from serving import repository as layout
 from serving.convert import convert, label_files, main
 from serving.tensorrt_build import BuildSettings, optimization_profile, tensorrt_available, trtexec_args
@@ -25,7 +26,6 @@ from serving.triton_config import (
     parse_config,
     preferred_batch_sizes,
 )
-from training.export.manifest import load_manifest, manifest_io_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_no_tensorrt = pytest.mark.skipif(tensorrt_available(), reason="checks the error raised without TensorRT")
@@ -63,7 +63,7 @@ def test_python_format_layout_config_and_labels(exported_faces_run, tmp_path):
     config = config_of(repo, "faces")
     manifest = load_manifest(exported_faces_run)
     assert (config.name, config.backend, config.platform, config.max_batch_size) == ("faces", "python", "", 4)
-    assert config_io_spec(config) == manifest_io_spec(manifest)
+    assert config_io_spec(config) == manifest.tensor_spec
     config_io_spec(config).check_against_onnx(version / "model.onnx")
     assert [(g.kind, g.count) for g in config.instance_group] == [(2, 2)]  # KIND_CPU = 2
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 4]
@@ -73,7 +73,7 @@ def test_python_format_layout_config_and_labels(exported_faces_run, tmp_path):
     assert all(list(w.inputs["image"].dims) == [3, 32, 48] for w in config.model_warmup)
     assert config.parameters["onnx_file"].string_value == "model.onnx"
 
-    by_task = {t["output"]: t for t in manifest["tasks"]}
+    by_task = {t["output"]: t for t in manifest.to_dict()["tasks"]}
     labelled = {o.name: o.label_filename for o in config.output if o.label_filename}
     assert set(labelled) == {"segmentation", "attributes"}
     assert (repo / "faces" / labelled["segmentation"]).read_text().splitlines() == by_task["segmentation"]["class_names"]
@@ -159,7 +159,7 @@ def test_versions_are_monotonic_and_pruned(exported_run, tmp_path):
     assert layout.latest_version(repo, "scenes") == repo / "scenes" / "5"
     read = layout.read_version(repo, "scenes")
     assert (read.version, read.model_dir) == (5, repo / "scenes")
-    assert read.io_spec == manifest_io_spec(load_manifest(exported_run))
+    assert read.io_spec == load_manifest(exported_run).tensor_spec
     assert not [p for p in (repo / "scenes").iterdir() if p.name.startswith(".")]  # no staging left over
 
 
@@ -293,7 +293,7 @@ def test_preferred_batch_sizes():
 
 
 def test_optimization_profile_and_trtexec_flags(exported_run):
-    spec = manifest_io_spec(load_manifest(exported_run))
+    spec = load_manifest(exported_run).tensor_spec
     assert optimization_profile(spec, 8) == {"image": ((1, 3, 32, 48), (8, 3, 32, 48), (8, 3, 32, 48))}
     args = trtexec_args(spec, BuildSettings(max_batch=4, fp16=True, tf32=False, timing_cache=Path("t.cache")),
                         "m.onnx", "m.plan")
@@ -313,7 +313,6 @@ def test_format_registry_is_consistent():
 
 
 def test_label_files_follow_the_manifest(exported_faces_run):
-    manifest = json.loads((exported_faces_run / "manifest.json").read_text())
-    files = label_files(manifest)
+    files = label_files(load_manifest(exported_faces_run))
     assert set(files) == {"segmentation", "attributes"}
     assert files["attributes"][0] == "attributes_labels.txt"

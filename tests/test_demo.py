@@ -1,4 +1,4 @@
-"""The serving half of `make demo` (`python -m serving.demo`) on an exported run: convert, serve as a
+"""The serving half of `make demo` (`python -m training.demo`) on an exported run: convert, serve as a
 real process, call it with both client commands, stop it with SIGTERM."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from serving import demo
 from serving.repository import versions
+from training import demo
 
 
 def test_demo_converts_serves_calls_and_stops(exported_run, tmp_path, capfd):

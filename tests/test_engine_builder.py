@@ -17,6 +17,7 @@ import yaml
 from deploy_support import BASE, DOCKER, ENGINE_BUILDER, OVERLAYS, ROOT, one, render
 from packaging.requirements import Requirement
 
+from parsimony.manifest import load_manifest
 from serving import ngc_release, tensorrt_build
 from serving.convert import convert
 from serving.convert import main as convert_main
@@ -28,7 +29,6 @@ from serving.tensorrt_build import (
     trtexec_args,
 )
 from serving.triton_config import ENGINE_CACHE_DIR, ServingOptions, parse_config
-from training.export.manifest import load_manifest, manifest_io_spec
 
 SCRIPT = ENGINE_BUILDER / "build-engine.sh"
 
@@ -63,7 +63,7 @@ def test_script_builds_from_the_newest_onnx_version(exported_run, tmp_path):
     assert "version 2" in done.stdout
     out = tmp_path / "work"
     assert (out / "export" / "manifest.json").read_bytes() == (newest / "manifest.json").read_bytes()
-    spec = manifest_io_spec(load_manifest(newest))
+    spec = load_manifest(newest).tensor_spec
     expected = trtexec_args(spec, BuildSettings(max_batch=4, fp16=True, timing_cache=repo / ".tensorrt-timing.cache"),
                             str(out / "export" / "model.onnx"), str(out / "model.plan"))
     assert (tmp_path / "args").read_text().splitlines() == expected[1:]
@@ -169,7 +169,7 @@ def test_tensorrt_accelerator_builds_once_into_a_persistent_cache(exported_run, 
     convert(exported_run, repo, "scenes", ServingOptions(format="onnx", tensorrt_accelerator=True, max_batch=8))
     config = parse_config((repo / "scenes" / "config.pbtxt").read_text())
     params = dict(config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters)
-    spec = manifest_io_spec(load_manifest(repo / "scenes" / "1"))
+    spec = load_manifest(repo / "scenes" / "1").tensor_spec
     lo, opt, hi = profile_shapes(spec, 8)
     assert (params["trt_profile_min_shapes"], params["trt_profile_opt_shapes"], params["trt_profile_max_shapes"]) \
         == (lo, opt, hi)
@@ -228,7 +228,7 @@ def _fake_tensorrt(version: str, *, accept_cache: bool = True) -> types.ModuleTy
 
 @pytest.fixture
 def spec(exported_run):
-    return manifest_io_spec(load_manifest(exported_run))
+    return load_manifest(exported_run).tensor_spec
 
 
 def test_a_tensorrt_of_another_release_is_refused_by_name(monkeypatch, spec, tmp_path):

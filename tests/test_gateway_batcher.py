@@ -13,11 +13,11 @@ import onnxruntime as ort
 import pytest
 from test_gateway_codec import metadata
 
+from parsimony.manifest import load_manifest
 from serving.server.backend import Backend, OnnxRuntimeBackend, create_backend
 from serving.server.batcher import DynamicBatcher
 from serving.server.errors import DeadlineExceeded, GatewayError, ModelLoadError, QueueFull, ShuttingDown
 from serving.server.metadata import ModelMetadata
-from training.export.manifest import load_manifest
 
 META = metadata()
 

@@ -10,23 +10,24 @@ import pytest
 from gateway_support import image_bytes
 from PIL import Image
 
+from parsimony.manifest import load_manifest
+from parsimony.spec import ModelIOSpec, TensorSpec
+from parsimony.tasks.segmentation import argmax_classes
 from serving.server import codec
 from serving.server.errors import Code, ImageTooLarge, InvalidInput, UnknownTask
 from serving.server.metadata import ModelMetadata, TaskInfo
-from training.export.manifest import load_manifest
-from training.export.spec import ModelIOSpec, TensorSpec
 
 H, W = 8, 12
 
 
 def metadata(tasks: tuple[TaskInfo, ...] | None = None) -> ModelMetadata:
     tasks = tasks or (
-        TaskInfo("seg", "segmentation", "seg", 3, class_names=("a", "b", "c")),
-        TaskInfo("depth", "depth", "depth", 1, unit="metres"),
-        TaskInfo("normal", "normal", "normal", 3),
-        TaskInfo("attrs", "attributes", "attrs", 2, attribute_names=("Male", "Smiling")),
+        TaskInfo("seg", "segmentation", 3, labels=("a", "b", "c")),
+        TaskInfo("depth", "depth", 1, unit="metres"),
+        TaskInfo("normal", "normal", 3),
+        TaskInfo("attrs", "attributes", 2, labels=("Male", "Smiling")),
     )
-    outputs = tuple(TensorSpec(t.output, "float32", (-1, t.channels) if t.kind == "attributes"
+    outputs = tuple(TensorSpec(t.output_name, "float32", (-1, t.channels) if t.kind == "attributes"
                                else (-1, t.channels, H, W)) for t in tasks)
     spec = ModelIOSpec(inputs=(TensorSpec("image", "float32", (-1, 3, H, W)),), outputs=outputs)
     return ModelMetadata("m", 1, H, W, 3, tasks, spec)
@@ -166,27 +167,30 @@ def test_argmax_classes_matches_numpy_including_ties(classes):
     logits = np.random.default_rng(classes).random((classes, 5, 6), dtype=np.float32)
     logits[:, 0, :] = 0.5  # ties: the lowest class wins, as with argmax
     dtype = np.uint8 if classes <= 256 else np.int32
-    got = codec.argmax_classes(logits, dtype)
+    got = argmax_classes(logits, dtype)
     assert got.dtype == dtype
     np.testing.assert_array_equal(got, logits.argmax(axis=0))
 
 
 def test_postprocess_each_kind():
     rng = np.random.default_rng(2)
-    seg = codec.postprocess(META.task("seg"), rng.standard_normal((3, H, W), dtype=np.float32), np.dtype("<f2"), True)
-    assert seg.class_map.dtype == np.uint8 and seg.class_map.shape == (H, W)
-    assert seg.probabilities.dtype == np.float16 and seg.probabilities.shape == (3, H, W)
-    np.testing.assert_allclose(seg.probabilities.astype(np.float32).sum(0), 1, atol=2e-3)
-    np.testing.assert_array_equal(seg.probabilities.argmax(0), seg.class_map)
-    assert codec.postprocess(META.task("seg"), np.zeros((3, H, W), np.float32), np.dtype("<f4"), False).probabilities is None
+    result = codec.postprocess(META.task("seg"), rng.standard_normal((3, H, W), dtype=np.float32), np.dtype("<f2"), True)
+    seg = result.fields
+    assert result.kind == "segmentation"
+    assert seg["class_map"].dtype == np.uint8 and seg["class_map"].shape == (H, W)
+    assert seg["probabilities"].dtype == np.float16 and seg["probabilities"].shape == (3, H, W)
+    np.testing.assert_allclose(seg["probabilities"].astype(np.float32).sum(0), 1, atol=2e-3)
+    np.testing.assert_array_equal(seg["probabilities"].argmax(0), seg["class_map"])
+    assert "probabilities" not in codec.postprocess(META.task("seg"), np.zeros((3, H, W), np.float32), np.dtype("<f4"),
+                                                    False).fields
 
     raw_depth = np.array([[[-1.0, 2.0]]], np.float32)
-    assert codec.postprocess(META.task("depth"), raw_depth, np.dtype("<f4"), False).depth.tolist() == [[0.0, 2.0]]
-    normal = codec.postprocess(META.task("normal"), np.ones((3, H, W), np.float32), np.dtype("<f2"), False)
-    assert normal.normal.shape == (3, H, W) and normal.normal.dtype == np.float16
+    assert codec.postprocess(META.task("depth"), raw_depth, np.dtype("<f4"), False).fields["depth"].tolist() == [[0.0, 2.0]]
+    normal = codec.postprocess(META.task("normal"), np.ones((3, H, W), np.float32), np.dtype("<f2"), False).fields
+    assert normal["normal"].shape == (3, H, W) and normal["normal"].dtype == np.float16
 
-    attrs = codec.postprocess(META.task("attrs"), np.array([0.0, 100.0], np.float32), np.dtype("<f4"), False)
-    assert attrs.probabilities == pytest.approx({"Male": 0.5, "Smiling": 1.0})
+    attrs = codec.postprocess(META.task("attrs"), np.array([0.0, 100.0], np.float32), np.dtype("<f4"), False).fields
+    assert attrs["probabilities"] == pytest.approx({"Male": 0.5, "Smiling": 1.0})
 
 
 def test_metadata_from_an_exported_manifest(exported_faces_run):
@@ -200,7 +204,7 @@ def test_metadata_from_an_exported_manifest(exported_faces_run):
 
 
 def test_metadata_refuses_unknown_task_kinds(exported_run):
-    manifest = load_manifest(exported_run)
+    manifest = load_manifest(exported_run).to_dict()
     manifest["tasks"][0] = {**manifest["tasks"][0], "kind": "optical_flow"}
-    with pytest.raises(ValueError, match="cannot post-process"):
+    with pytest.raises(ValueError, match="kind 'optical_flow', which this version of parsimony does not know"):
         ModelMetadata.from_manifest("scenes", 1, manifest)

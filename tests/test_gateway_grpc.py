@@ -13,10 +13,10 @@ from gateway_support import RunningGateway, SlowBackend, decoded, image_bytes, p
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from parsimony.manifest import load_manifest
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.server.codec import preprocess
 from serving.server.grpc_service import PredictionServicer
-from training.export.manifest import load_manifest
 
 SIZE = (32, 48)
 LIMIT = 64 << 10
@@ -98,7 +98,7 @@ def test_subset_float16_and_probabilities(gw):
 def test_attributes_come_back_by_name(gw, exported_faces_run):
     data = image_bytes(SIZE, seed=5)
     response = predict(gw, model="faces", encoded_image=data)
-    task = next(t for t in load_manifest(exported_faces_run)["tasks"] if t["kind"] == "attributes")
+    task = next(t for t in load_manifest(exported_faces_run).to_dict()["tasks"] if t["kind"] == "attributes")
     probabilities = dict(response.outputs[task["name"]].attributes.probabilities)
     assert list(probabilities) == task["attribute_names"] or set(probabilities) == set(task["attribute_names"])
     logits = reference(exported_faces_run, decoded(data))[task["name"]]
@@ -110,7 +110,7 @@ def test_list_and_get_model(gw, exported_run):
     listed = gw.stub.ListModels(pb.ListModelsRequest())
     assert sorted(m.name for m in listed.models) == ["faces", "scenes"]
     info = gw.stub.GetModel(pb.GetModelRequest(name="scenes"))
-    manifest = load_manifest(exported_run)
+    manifest = load_manifest(exported_run).to_dict()
     assert (info.version, info.ready, info.backend) == (1, True, "onnxruntime")
     assert (info.input.height, info.input.width, info.input.channels, info.input.color) == (32, 48, 3, "RGB")
     assert list(info.input.encodings) == ["png", "jpeg"]

@@ -24,13 +24,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from triton_server import randomised_copy, require_triton, start_tritonserver
 from tritonclient.utils import InferenceServerException
 
+from parsimony.manifest import load_manifest
 from serving.convert import convert
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.server.errors import BackendUnavailable, DeadlineExceeded
 from serving.server.metadata import ModelMetadata
 from serving.server.triton_backend import TritonBackend
 from serving.triton_config import ServingOptions
-from training.export.manifest import load_manifest
 
 SIZE = (32, 48)
 MODELS = {  # Triton name -> (run, options); "faces_slow" holds batches 2 s to fill (the deadline case)

@@ -125,7 +125,7 @@ def test_metadata_lists_every_task_output(clients, repository, protocol, model):
     listed = {(o["name"], o["datatype"], tuple(map(int, o["shape"]))) if protocol == "http"
               else (o.name, o.datatype, tuple(o.shape)) for o in outputs}
     assert listed == {(t.name, "FP32", t.shape) for t in version.io_spec.outputs}
-    assert {t["output"] for t in version.manifest["tasks"]} == {name for name, _, _ in listed}
+    assert {t.output for t in version.manifest.tasks} == {name for name, _, _ in listed}
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

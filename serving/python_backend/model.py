@@ -6,7 +6,11 @@ server bundled in ``nvidia-pytriton``). The stub process imports ``numpy`` and `
 the Python environment Triton runs it in.
 
 Tensor names and dtypes come from the model config (generated from the export's tensor spec), so
-this file holds no model-specific names. The python backend hands ``execute`` every request the
+this file holds no model-specific names; nor does it choose ONNX Runtime's settings: the config's
+``onnxruntime.*`` parameters hold them (those of every session of this project,
+``parsimony.onnxrt.session_settings``, written by the converter): a name with a dot is a session
+config entry, any other an integer ``SessionOptions`` attribute. The version folder stays
+self-contained: the stub cannot import this project. The python backend hands ``execute`` every request the
 dynamic batcher gathered, one by one: they are concatenated along the batch dimension, run in one
 ONNX Runtime call, and split back, so batching buys throughput here as it does in the ONNX Runtime
 backend. A failing batch answers each of its requests with the error instead of killing the stub.
@@ -19,6 +23,8 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+ORT_PARAMETER = "onnxruntime."  # serving.triton_config.ORT_PARAMETER
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -26,8 +32,13 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_num_threads", "0") or 0)
-        options.inter_op_num_threads = 1
+        for key, value in params.items():
+            if key.startswith(ORT_PARAMETER):
+                name = key[len(ORT_PARAMETER) :]
+                if "." in name:
+                    options.add_session_config_entry(name, value)
+                else:
+                    setattr(options, name, int(value))
         self.session = ort.InferenceSession(
             os.path.join(version_dir, params.get("onnx_file", "model.onnx")),
             options,

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import pydantic
 
+from parsimony.onnxrt import SPINNING
 from serving.repository import RepositoryError
-from serving.server.backend import SPINNING
 from serving.server.config import ServerConfig, default
 from serving.server.errors import ModelLoadError, StartupError
 from serving.server.lifecycle import GatewayServer
+from serving.server.models import BACKENDS
 
 log = logging.getLogger("serving.server")
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {d('max_queue_delay_ms'):g}: never wait)")
     p.add_argument("--max-queue", type=int,
                    help=f"queued requests per model before RESOURCE_EXHAUSTED/429 (default {d('max_queue')})")
-    p.add_argument("--backend", choices=["onnxruntime", "triton"],
+    p.add_argument("--backend", choices=sorted(BACKENDS),
                    help=f"onnxruntime: run models in this process; triton: send batches to --triton-url "
                         f"(default {d('backend')})")
     p.add_argument("--triton-url", metavar="HOST:PORT",
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limits(p)
     _add_tls(p)
     p.add_argument("--docs", action="store_true", default=None,
-                   help="serve the OpenAPI browser at /docs (its page loads Swagger UI from a CDN; default off; "
-                        "/openapi.json is always served)")
+                   help=f"serve the OpenAPI browser at /docs (its page loads Swagger UI from a CDN; default "
+                        f"{'on' if d('docs') else 'off'}; /openapi.json is always served)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 

@@ -34,14 +34,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from parsimony import onnxrt
+from parsimony.spec import INPUT_NAME
 from serving.server.config import default
 from serving.server.errors import ModelLoadError
 from serving.server.metadata import ModelMetadata
-from training.export.spec import INPUT_NAME
 
 log = logging.getLogger("serving.server")
-# OnnxRuntimeBackend's ``spinning`` -> (session.intra_op.allow_spinning, session.force_spinning_stop)
-SPINNING = {"run": ("1", "1"), "always": ("1", "0"), "never": ("0", "0")}
 
 
 class Backend(abc.ABC):
@@ -71,22 +70,6 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
         pass
-
-
-def session_options(threads: int, spinning: str):
-    """ONNX Runtime's options for the embedded backend (and for benchmarks comparing with it):
-    ``threads`` intra-op threads (0: one per physical core), one inter-op thread, ``spinning`` a key
-    of `SPINNING`."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    allow, stop = SPINNING[spinning]
-    options.add_session_config_entry("session.intra_op.allow_spinning", allow)
-    options.add_session_config_entry("session.force_spinning_stop", stop)
-    return options
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {}
@@ -130,12 +113,13 @@ class OnnxRuntimeBackend(Backend):
     """
 
     def __init__(self, version_dir: Path, metadata: ModelMetadata, *, max_batch_size: int = default("max_batch"),
-                 threads: int = 0, spinning: str = "run", warmup_batch_sizes: Sequence[int] = (1,)) -> None:
+                 threads: int = default("threads"), spinning: str = default("ort_spinning"),
+                 warmup_batch_sizes: Sequence[int] = default("warmup_batch_sizes")) -> None:
         super().__init__(metadata, max_batch_size=max_batch_size)
-        self.path = Path(version_dir) / metadata.manifest.get("onnx_file", "model.onnx")
+        self.path = Path(version_dir) / metadata.onnx_file
         self.threads = threads
-        if spinning not in SPINNING:
-            raise ValueError(f"spinning must be one of {list(SPINNING)}, not {spinning!r}")
+        if spinning not in onnxrt.SPINNING:
+            raise ValueError(f"spinning must be one of {list(onnxrt.SPINNING)}, not {spinning!r}")
         self.spinning = spinning
         self.warmup_batch_sizes = tuple(b for b in warmup_batch_sizes if b <= max_batch_size)
         self._session = None
@@ -159,11 +143,8 @@ class OnnxRuntimeBackend(Backend):
                  time.perf_counter() - started)
 
     def _create_session(self):
-        import onnxruntime as ort
-
         try:
-            session = ort.InferenceSession(str(self.path), session_options(self.threads, self.spinning),
-                                           providers=["CPUExecutionProvider"])
+            session = onnxrt.session(self.path, threads=self.threads, spinning=self.spinning)
         except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
             raise ModelLoadError(f"ONNX Runtime cannot load {self.path}: {exc}; re-export the model") from exc
         self._check_graph(session)

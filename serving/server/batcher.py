@@ -52,8 +52,8 @@ class BatchResult:
 
 
 class DynamicBatcher:
-    def __init__(self, backend: Backend, *, max_batch: int, max_delay_s: float = 0.0,
-                 max_queue: int = default("max_queue"),
+    def __init__(self, backend: Backend, *, max_batch: int = default("max_batch"),
+                 max_delay_s: float = default("max_queue_delay_ms") / 1e3, max_queue: int = default("max_queue"),
                  concurrency: int = 1, on_batch: Callable[[int], None] | None = None) -> None:
         self.backend = backend
         self.max_batch = max(1, min(max_batch, backend.max_batch_size))

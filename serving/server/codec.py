@@ -13,9 +13,9 @@ converted as Pillow converts them: palette, black-and-white, grayscale and their
 RGBA become RGB (alpha dropped, not blended), 16-bit grayscale keeps its high byte (as Pillow reads
 16-bit RGB); CMYK JPEGs are refused, since converting them without their colour profile changes
 their colours.
-Outputs per task kind: segmentation -> class-index map ``[H, W]`` (+ softmax probabilities
-``[C, H, W]`` on request); depth -> ``[H, W]`` metres clamped at 0; normal -> ``[3, H, W]``;
-attributes -> name -> sigmoid probability. Float maps in float32 or float16, as requested.
+Outputs: each task's kind (`parsimony.tasks`) turns its raw output into the fields of its answer
+(a class map, metres, an edge map, ``{name: probability}``...; probability maps only on request),
+float maps in float32 or float16, as requested. The codec knows no kind by name.
 """
 
 from __future__ import annotations
@@ -27,21 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from parsimony.tasks import FieldValue
+from parsimony.wire import ENCODINGS, OUTPUT_DTYPES, WIRE_DTYPES, sniff_encoding
 from serving.server.errors import ImageTooLarge, InvalidInput, UnknownTask, shown
 from serving.server.metadata import ModelMetadata, TaskInfo
 
-# dtype names shared by the proto enum, the JSON API and numpy (little-endian on the wire)
-DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype("<f4"),
-    "float16": np.dtype("<f2"),
-    "uint8": np.dtype("u1"),
-    "int32": np.dtype("<i4"),
-}
-OUTPUT_DTYPES = ("float32", "float16")
-_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 # modes converted to RGB by Pillow's own convert("RGB") (alpha dropped), and 16-bit grayscale
 TO_RGB = ("1", "L", "P", "LA", "PA", "La", "RGBA", "RGBa", "RGBX")
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
+INPUT_DTYPES = ("uint8", "float32")  # a raw input tensor: uint8 HWC or float32 CHW
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,35 +46,19 @@ class RawTensor:
 
 
 @dataclass(frozen=True, slots=True)
-class SegmentationOutput:
-    class_map: np.ndarray
-    probabilities: np.ndarray | None = None
+class TaskResult:
+    """One task's answer: its kind and the kind's fields (arrays, or ``{name: value}`` maps)."""
 
-
-@dataclass(frozen=True, slots=True)
-class DepthOutput:
-    depth: np.ndarray
-
-
-@dataclass(frozen=True, slots=True)
-class NormalOutput:
-    normal: np.ndarray
-
-
-@dataclass(frozen=True, slots=True)
-class AttributesOutput:
-    probabilities: dict[str, float]
-
-
-TaskOutput = SegmentationOutput | DepthOutput | NormalOutput | AttributesOutput
+    kind: str
+    fields: dict[str, FieldValue]
 
 
 # --- decode -------------------------------------------------------------------------------------
 
 
 def warm_up() -> None:
-    """Load and initialise PIL's PNG and JPEG codecs now rather than on the first request (~10 ms)."""
-    for fmt in ("PNG", "JPEG"):
+    """Load and initialise PIL's image codecs now rather than on the first request (~10 ms)."""
+    for fmt in (e.upper() for e in ENCODINGS):
         buf = io.BytesIO()
         Image.new("RGB", (8, 8)).save(buf, fmt)
         Image.open(io.BytesIO(buf.getvalue()), formats=[fmt]).load()
@@ -88,12 +66,13 @@ def warm_up() -> None:
 
 def decode_image(data: bytes, meta: ModelMetadata, max_pixels: int) -> np.ndarray:
     """PNG/JPEG bytes -> ``uint8 [H, W, 3]``, checked against the model's input and the pixel limit."""
-    fmt = next((f for magic, f in _MAGIC.items() if data.startswith(magic)), None)
-    if fmt is None:
+    encoding = sniff_encoding(data)
+    if encoding is None:
         raise InvalidInput(
             f"the image bytes are neither PNG nor JPEG (they start with {data[:8].hex(' ') or 'nothing'}); "
             f"send the encoded file's bytes unchanged, or a raw tensor"
         )
+    fmt = encoding.upper()  # Pillow's format name
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
@@ -147,7 +126,7 @@ def check_size(height: int, width: int, channels: int, meta: ModelMetadata, max_
 def tensor_input(tensor: RawTensor, meta: ModelMetadata, max_pixels: int) -> np.ndarray:
     """A raw ``uint8 [H, W, 3]`` or ``float32 [3, H, W]`` tensor -> the model's ``float32 [3, H, W]``."""
     shape = tuple(int(d) for d in tensor.shape)
-    if tensor.dtype not in ("uint8", "float32") or len(shape) != 3:
+    if tensor.dtype not in INPUT_DTYPES or len(shape) != 3:
         raise InvalidInput(
             f"a raw tensor must be uint8 [H, W, 3] (HWC, 0..255) or float32 [3, H, W] (CHW, RGB in [0, 1]); "
             f"got {tensor.dtype} {list(shape)}"
@@ -155,7 +134,7 @@ def tensor_input(tensor: RawTensor, meta: ModelMetadata, max_pixels: int) -> np.
     hwc = tensor.dtype == "uint8"
     height, width, channels = (shape if hwc else (shape[1], shape[2], shape[0]))
     check_size(height, width, channels, meta, max_pixels, what=f"the {tensor.dtype} tensor {list(shape)}")
-    dtype = DTYPES[tensor.dtype]
+    dtype = WIRE_DTYPES[tensor.dtype]
     expected = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != expected:
         raise InvalidInput(
@@ -207,44 +186,12 @@ def select_tasks(meta: ModelMetadata, names: tuple[str, ...] | list[str]) -> tup
 def output_dtype(name: str) -> np.dtype:
     if name not in OUTPUT_DTYPES:
         raise InvalidInput(f"output dtype {shown(name)} is not supported; choose one of {list(OUTPUT_DTYPES)}")
-    return DTYPES[name]
+    return WIRE_DTYPES[name]
 
 
 # --- postprocess --------------------------------------------------------------------------------
 
 
-def postprocess(task: TaskInfo, raw: np.ndarray, dtype: np.dtype, probabilities: bool) -> TaskOutput:
-    """One image's raw output of ``task`` (no batch dimension) -> its typed result."""
-    if task.kind == "segmentation":
-        class_map = argmax_classes(raw, np.uint8 if task.channels <= 256 else np.int32)
-        return SegmentationOutput(class_map, softmax(raw).astype(dtype, copy=False) if probabilities else None)
-    if task.kind == "depth":
-        return DepthOutput(np.maximum(raw[0], 0).astype(dtype, copy=False))
-    if task.kind == "normal":
-        return NormalOutput(raw.astype(dtype, copy=False))
-    scores = 1.0 / (1.0 + np.exp(-raw.astype(np.float64)))
-    return AttributesOutput(dict(zip(task.attribute_names, scores.tolist(), strict=True)))
-
-
-def argmax_classes(logits: np.ndarray, dtype) -> np.ndarray:
-    """``logits.argmax(axis=0)`` for ``[C, H, W]``, 7-9x faster: numpy reduces axis 0 of a C-contiguous
-    array pixel by pixel, while this makes C-1 passes of whole-plane vector ops. Ties go to the lower
-    class, as with argmax; NaN logits never win (argmax would pick them)."""
-    best = logits[0].copy()
-    index = np.zeros(best.shape, dtype)
-    greater = np.empty(best.shape, bool)
-    step = np.empty(best.shape, dtype)
-    for c in range(1, logits.shape[0]):
-        np.greater(logits[c], best, out=greater)
-        np.subtract(dtype(c), index, out=step)  # index += greater * (c - index), i.e. index[greater] = c
-        np.multiply(step, greater, out=step)
-        index += step
-        np.maximum(best, logits[c], out=best)
-    return index
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the class axis (0), computed stably in float32."""
-    e = np.exp(logits - logits.max(axis=0, keepdims=True))
-    e /= e.sum(axis=0, keepdims=True)
-    return e
+def postprocess(task: TaskInfo, raw: np.ndarray, dtype: np.dtype, probabilities: bool) -> TaskResult:
+    """One image's raw output of ``task`` (no batch dimension) -> its answer, as its kind computes it."""
+    return TaskResult(task.kind, task.owner.postprocess(task, raw, dtype, probabilities))

@@ -1,9 +1,12 @@
 """The gateway's one exception vocabulary and its one mapping to gRPC and HTTP status codes.
 
 Every failure a caller can cause or see is a `GatewayError` subclass carrying a `Code`; the gRPC
-servicer and the HTTP app both translate through `Code`, so the two protocols always agree, and
-the metrics count errors by the same code name. Anything else that escapes a handler is a bug and
-becomes INTERNAL (`as_gateway_error`), logged with its traceback, while the server keeps serving.
+servicer and the HTTP app both translate through `Code`, so the two protocols always agree. `Code`
+is built from the wire's status table (`parsimony.wire.STATUSES`, which the clients read too): its
+members are the gateway's status names (error bodies carry them), ``grpc_name`` the gRPC status
+name that gRPC answers with and the metrics count by (an HTTP-only refusal counts as its gRPC
+equivalent), ``http`` the HTTP status. Anything else that escapes a handler is a bug and becomes
+INTERNAL (`as_gateway_error`), logged with its traceback, while the server keeps serving.
 
 | exception            | Code               | gRPC               | HTTP |
 |----------------------|--------------------|--------------------|------|
@@ -29,30 +32,33 @@ import time
 
 import grpc
 
+from parsimony.wire import STATUSES, Status
+
 log = logging.getLogger("serving.server")
 
 
-class Code(enum.Enum):
-    """A status in both protocols; ``name`` is the label the metrics use."""
+class _StatusCode(enum.Enum):
+    """A status in both protocols (the members come from `parsimony.wire.STATUSES`)."""
 
-    OK = (grpc.StatusCode.OK, 200)
-    INVALID_ARGUMENT = (grpc.StatusCode.INVALID_ARGUMENT, 400)
-    PAYLOAD_TOO_LARGE = (grpc.StatusCode.INVALID_ARGUMENT, 413)
-    UNSUPPORTED_MEDIA = (grpc.StatusCode.INVALID_ARGUMENT, 415)  # HTTP only: a body type the gateway cannot read
-    NOT_FOUND = (grpc.StatusCode.NOT_FOUND, 404)
-    RESOURCE_EXHAUSTED = (grpc.StatusCode.RESOURCE_EXHAUSTED, 429)
-    DEADLINE_EXCEEDED = (grpc.StatusCode.DEADLINE_EXCEEDED, 504)
-    CANCELLED = (grpc.StatusCode.CANCELLED, 499)  # the client went away (nginx's 499)
-    UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, 503)
-    INTERNAL = (grpc.StatusCode.INTERNAL, 500)
+    @property
+    def status(self) -> Status:
+        return self.value
 
     @property
     def grpc(self) -> grpc.StatusCode:
-        return self.value[0]
+        return grpc.StatusCode[self.value.grpc]
+
+    @property
+    def grpc_name(self) -> str:
+        """The gRPC status name: what gRPC answers with and the metrics' ``code`` label."""
+        return self.value.grpc
 
     @property
     def http(self) -> int:
-        return self.value[1]
+        return self.value.http
+
+
+Code = _StatusCode("Code", [(s.name, s) for s in STATUSES])
 
 
 class GatewayError(Exception):

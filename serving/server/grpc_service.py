@@ -25,6 +25,8 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from parsimony.tasks import kind
+from parsimony.wire import DEFAULT_OUTPUT_DTYPE, WIRE_DTYPES, proto_dtype_name, to_wire, wire_dtype_of
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.server import codec
 from serving.server.config import ServerConfig
@@ -34,8 +36,7 @@ from serving.server.service import Deadline, Gateway, PredictCall, Prediction, d
 SERVICE = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 CAPPED_KEY = "x-deadline-capped-ms"
-_PB_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "uint8": pb.UINT8, "int32": pb.INT32}
-_DTYPE_NAMES = {v: k for k, v in _PB_DTYPES.items()}
+_DTYPE_NAMES = {pb.DataType.Value(proto_dtype_name(name)): name for name in WIRE_DTYPES}
 log = logging.getLogger("serving.server")
 _undecodable = RateLimitedLog(log)
 
@@ -234,7 +235,7 @@ def _parsing_itself(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMeth
 
 def _dtype_name(value: int, what: str) -> str:
     if value not in _DTYPE_NAMES:
-        raise InvalidInput(f"{what} has data type {value}, which is not one of {list(_PB_DTYPES)}")
+        raise InvalidInput(f"{what} has data type {value}, which is not one of {list(map(proto_dtype_name, WIRE_DTYPES))}")
     return _DTYPE_NAMES[value]
 
 
@@ -248,36 +249,38 @@ def call_from_proto(request: pb.PredictRequest, deadline: Deadline | None = None
     out = request.output_dtype
     return PredictCall(
         model=request.model, encoded=encoded, tensor=tensor, tasks=tuple(request.tasks),
-        output_dtype="float32" if out == pb.DATA_TYPE_UNSPECIFIED else _dtype_name(out, "output_dtype"),
-        probabilities=request.segmentation_probabilities,
+        output_dtype=DEFAULT_OUTPUT_DTYPE if out == pb.DATA_TYPE_UNSPECIFIED else _dtype_name(out, "output_dtype"),
+        probabilities=request.probabilities or request.segmentation_probabilities,  # the older spelling
         deadline=None if deadline is None else deadline.at,
     )
 
 
 def _fill(message: pb.Tensor, array) -> None:
-    message.dtype = _PB_DTYPES[array.dtype.name]
+    message.dtype = pb.DataType.Value(proto_dtype_name(wire_dtype_of(array)))
     message.shape.extend(array.shape)
-    message.data = array.tobytes()
+    message.data = to_wire(array)
+
+
+def _task_to_proto(slot: pb.TaskOutput, result: codec.TaskResult) -> None:
+    """The kind's message in the ``output`` oneof (named as the kind), one proto field per answer field."""
+    message = getattr(slot, result.kind)
+    message.SetInParent()  # selects the kind even when it has nothing to fill
+    owner = kind(result.kind)
+    for name, value in result.fields.items():
+        if owner.field(name).what == "map":
+            getattr(message, name).update(value)
+        else:
+            _fill(getattr(message, name), value)
 
 
 def prediction_to_proto(p: Prediction) -> pb.PredictResponse:
     response = pb.PredictResponse(model=p.model, model_version=p.version)
-    for name, out in p.outputs.items():
-        slot = response.outputs[name]
-        if isinstance(out, codec.SegmentationOutput):
-            _fill(slot.segmentation.class_map, out.class_map)
-            if out.probabilities is not None:
-                _fill(slot.segmentation.probabilities, out.probabilities)
-        elif isinstance(out, codec.DepthOutput):
-            _fill(slot.depth.depth, out.depth)
-        elif isinstance(out, codec.NormalOutput):
-            _fill(slot.normal.normal, out.normal)
-        else:
-            slot.attributes.probabilities.update(out.probabilities)
-    t, r = p.timings, response.timings
-    r.decode_ms, r.preprocess_ms, r.queue_ms = t.decode * 1e3, t.preprocess * 1e3, t.queue * 1e3
-    r.inference_ms, r.postprocess_ms, r.total_ms = t.inference * 1e3, t.postprocess * 1e3, t.total * 1e3
-    r.batch_size = t.batch_size
+    for name, result in p.outputs.items():
+        _task_to_proto(response.outputs[name], result)
+    timings = response.timings
+    for field, ms in p.timings.milliseconds().items():
+        setattr(timings, field, ms)
+    timings.batch_size = p.timings.batch_size
     return response
 
 

@@ -12,8 +12,9 @@
 | ``GET /docs``                      | its browsable page (Swagger UI, loaded from a CDN): only with ``--docs`` |
 
 Prediction options: query parameters ``tasks`` (comma-separated or repeated), ``output_dtype``
-(``float32``/``float16``) and ``segmentation_probabilities`` (``true``/``false``) work with every body
-type; multipart form fields and JSON keys of the same names take precedence. A deadline can be
+(``float32``/``float16``) and ``probabilities`` (``true``/``false``: the probability maps of every
+task whose kind has them; ``segmentation_probabilities`` is its older spelling, still honoured) work
+with every body type; multipart form fields and JSON keys of the same names take precedence. A deadline can be
 given in milliseconds with the ``X-Timeout-Ms`` header (a positive number); it is capped at
 ``--max-deadline-s``, which is also the deadline of a request without the header, and a response
 whose deadline was capped says so in ``X-Deadline-Capped-Ms`` (the time allowed). Errors are
@@ -35,6 +36,8 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from parsimony.tasks import kind, kind_names
+from parsimony.wire import OUTPUT_DTYPES, to_wire, wire_dtype_of
 from serving.server import codec
 from serving.server.errors import (
     Code,
@@ -46,6 +49,7 @@ from serving.server.errors import (
     shown,
 )
 from serving.server.http_schemas import (
+    PROBABILITIES,
     ErrorJSON,
     ListModelsJSON,
     ModelInfoJSON,
@@ -66,8 +70,9 @@ _PREDICT_BODY = {
         "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
             "image": {"type": "string", "format": "binary"},
             "tasks": {"type": "string", "description": "comma-separated task names"},
-            "output_dtype": {"type": "string", "enum": list(codec.OUTPUT_DTYPES)},
-            "segmentation_probabilities": {"type": "boolean"}}}},
+            "output_dtype": {"type": "string", "enum": list(OUTPUT_DTYPES)},
+            "probabilities": {"type": "boolean", "description": PROBABILITIES},
+            "segmentation_probabilities": {"type": "boolean", "description": "the older spelling of probabilities"}}}},
         "application/json": {"schema": {"$ref": "#/components/schemas/PredictJSON"}},
     },
 }
@@ -77,7 +82,7 @@ def create_app(gateway: Gateway, readiness: Callable[[], tuple[bool, dict]], *, 
     """The app; ``readiness()`` returns (ready, details) for ``/readyz``; ``docs``: serve ``/docs``."""
     app = FastAPI(title="parsimony prediction gateway", version="v1", docs_url="/docs" if docs else None,
                   redoc_url=None,
-                  description="Multi-task predictions (segmentation, depth, normals, attributes) from one forward pass.")
+                  description=f"Multi-task predictions ({', '.join(kind_names())}) from one forward pass.")
 
     @app.post("/v1/models/{name}:predict", response_model=PredictResponseJSON, responses=_ERRORS,
               openapi_extra={"requestBody": _PREDICT_BODY}, summary="Predict every (or the requested) task")
@@ -205,23 +210,33 @@ def _deadline(request: Request, gateway: Gateway) -> float:
     return deadline.at
 
 
-def _options(tasks: list[str], output_dtype: str | None, probabilities: str | None) -> dict:
+PROBABILITY_FLAGS = ("probabilities", "segmentation_probabilities")  # the flag and its older spelling
+
+
+def _options(tasks: list[str], output_dtype: str | None, flags: dict[str, str | None]) -> dict:
+    """Prediction options from text fields (a query string or a form); ``flags`` maps each name of
+    `PROBABILITY_FLAGS` to its value, None where not given."""
     options: dict = {}
     names = tuple(n.strip() for item in tasks for n in item.split(",") if n.strip())
     if names:
         options["tasks"] = names
     if output_dtype is not None:
         options["output_dtype"] = output_dtype
-    if probabilities is not None:
-        if probabilities.lower() not in ("true", "false", "1", "0"):
-            raise InvalidInput(f"segmentation_probabilities must be true or false, got {probabilities!r}")
-        options["probabilities"] = probabilities.lower() in ("true", "1")
+    given = [_flag(name, value) for name, value in flags.items() if value is not None]
+    if given:
+        options["probabilities"] = any(given)
     return options
+
+
+def _flag(name: str, value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise InvalidInput(f"{name} must be true or false, got {shown(value)}")
+    return value.lower() in ("true", "1")
 
 
 def _query_options(request: Request) -> dict:
     q = request.query_params
-    return _options(q.getlist("tasks"), q.get("output_dtype"), q.get("segmentation_probabilities"))
+    return _options(q.getlist("tasks"), q.get("output_dtype"), {f: q.get(f) for f in PROBABILITY_FLAGS})
 
 
 async def _parse_multipart(request: Request, body: bytes) -> tuple[bytes, dict]:
@@ -236,7 +251,7 @@ async def _parse_multipart(request: Request, body: bytes) -> tuple[bytes, dict]:
     if not isinstance(image, UploadFile):
         raise InvalidInput(f"the multipart body has no file field 'image' (fields: {sorted(form.keys())})")
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
-    options = _options(form.getlist("tasks"), fields.get("output_dtype"), fields.get("segmentation_probabilities"))
+    options = _options(form.getlist("tasks"), fields.get("output_dtype"), {f: fields.get(f) for f in PROBABILITY_FLAGS})
     return await image.read(), options
 
 
@@ -251,7 +266,7 @@ def _parse_json(body: bytes, name: str, deadline: float | None) -> PredictCall:
         tensor = codec.RawTensor(req.tensor.dtype, tuple(req.tensor.shape), _b64(req.tensor.data, "tensor.data"))
     return PredictCall(model=name, encoded=None if req.image is None else _b64(req.image, "image"), tensor=tensor,
                        tasks=tuple(req.tasks), output_dtype=req.output_dtype,
-                       probabilities=req.segmentation_probabilities, deadline=deadline)
+                       probabilities=req.probabilities or req.segmentation_probabilities, deadline=deadline)
 
 
 def _b64(text: str, field: str) -> bytes:
@@ -265,27 +280,22 @@ def _b64(text: str, field: str) -> bytes:
 
 
 def _tensor(array) -> dict:
-    return {"dtype": array.dtype.name, "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode()}
+    return {"dtype": wire_dtype_of(array), "shape": list(array.shape), "data": base64.b64encode(to_wire(array)).decode()}
 
 
-def _task_json(out: codec.TaskOutput) -> dict:
-    if isinstance(out, codec.SegmentationOutput):
-        return {"kind": "segmentation", "class_map": _tensor(out.class_map),
-                "probabilities": None if out.probabilities is None else _tensor(out.probabilities)}
-    if isinstance(out, codec.DepthOutput):
-        return {"kind": "depth", "depth": _tensor(out.depth)}
-    if isinstance(out, codec.NormalOutput):
-        return {"kind": "normal", "normal": _tensor(out.normal)}
-    return {"kind": "attributes", "probabilities": out.probabilities}
+def _task_json(result: codec.TaskResult) -> dict:
+    """``{"kind": ..., field: tensor or map, ...}``: every field of the kind, optional ones null when not asked for."""
+    owner = kind(result.kind)
+    out: dict = {"kind": result.kind, **dict.fromkeys(owner.optional_fields)}
+    for name, value in result.fields.items():
+        out[name] = value if owner.field(name).what == "map" else _tensor(value)
+    return out
 
 
 def prediction_to_json(p: Prediction) -> dict:
-    t = p.timings
     return {
         "model": p.model,
         "model_version": p.version,
-        "outputs": {name: _task_json(out) for name, out in p.outputs.items()},
-        "timings": {"decode_ms": t.decode * 1e3, "preprocess_ms": t.preprocess * 1e3, "queue_ms": t.queue * 1e3,
-                    "inference_ms": t.inference * 1e3, "postprocess_ms": t.postprocess * 1e3,
-                    "total_ms": t.total * 1e3, "batch_size": t.batch_size},
+        "outputs": {name: _task_json(result) for name, result in p.outputs.items()},
+        "timings": {**p.timings.milliseconds(), "batch_size": p.timings.batch_size},
     }

@@ -8,11 +8,16 @@ C-order bytes>"}``; in numpy: ``np.frombuffer(base64.b64decode(t["data"]), t["dt
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-DTypeName = Literal["float32", "float16", "uint8", "int32"]
+from parsimony import tasks
+from parsimony.wire import DEFAULT_OUTPUT_DTYPE, OUTPUT_DTYPES, STAGE_FIELDS, WIRE_DTYPES
+
+DTypeName = Literal[tuple(WIRE_DTYPES)]
+OutputDTypeName = Literal[OUTPUT_DTYPES]
+PROBABILITIES = "also return the probability maps of every task whose kind has them"
 
 
 class _Strict(BaseModel):
@@ -32,8 +37,10 @@ class PredictJSON(_Strict):
     tensor: TensorJSON | None = Field(
         None, description="uint8 [H, W, 3] (HWC, 0..255) or float32 [3, H, W] (CHW, RGB in [0, 1])")
     tasks: list[str] = Field(default_factory=list, description="tasks to return; empty returns every task")
-    output_dtype: Literal["float32", "float16"] = "float32"
-    segmentation_probabilities: bool = False
+    output_dtype: OutputDTypeName = DEFAULT_OUTPUT_DTYPE
+    probabilities: bool = Field(False, description=PROBABILITIES)
+    segmentation_probabilities: bool = Field(False, description="the older spelling of probabilities (either "
+                                                                "set returns them)")
 
     @model_validator(mode="after")
     def _one_input(self) -> PredictJSON:
@@ -42,38 +49,24 @@ class PredictJSON(_Strict):
         return self
 
 
-class SegmentationJSON(BaseModel):
-    kind: Literal["segmentation"]
-    class_map: TensorJSON = Field(description="[H, W] class indices (uint8; int32 beyond 256 classes)")
-    probabilities: TensorJSON | None = Field(None, description="[C, H, W] softmax, when requested")
+def _answer_field(field: tasks.Field) -> tuple[Any, Any]:
+    value = dict[str, float] if field.what == "map" else TensorJSON
+    if field.optional:
+        return value | None, Field(None, description=f"{field.description}; null unless probabilities was set")
+    return value, Field(description=field.description)
 
 
-class DepthJSON(BaseModel):
-    kind: Literal["depth"]
-    depth: TensorJSON = Field(description="[H, W] metres, clamped at 0")
+def _kind_model(owner: tasks.Kind) -> type[BaseModel]:
+    """The JSON object of one kind's answer: ``kind`` and the kind's fields, as its proto message has them."""
+    return create_model(f"{owner.name.title()}JSON", __doc__=f"The answer of a {owner.name} task",
+                        kind=(Literal[owner.name], ...), **{f.name: _answer_field(f) for f in owner.fields})
 
 
-class NormalJSON(BaseModel):
-    kind: Literal["normal"]
-    normal: TensorJSON = Field(description="[3, H, W] unit vectors (x right, y down, z forward)")
-
-
-class AttributesJSON(BaseModel):
-    kind: Literal["attributes"]
-    probabilities: dict[str, float] = Field(description="attribute name -> probability")
-
-
-TaskOutputJSON = Annotated[SegmentationJSON | DepthJSON | NormalJSON | AttributesJSON, Field(discriminator="kind")]
-
-
-class TimingsJSON(BaseModel):
-    decode_ms: float
-    preprocess_ms: float
-    queue_ms: float
-    inference_ms: float = Field(description="the forward pass of the whole batch")
-    postprocess_ms: float
-    total_ms: float
-    batch_size: int
+TASK_OUTPUT_MODELS: dict[str, type[BaseModel]] = {name: _kind_model(tasks.kind(name)) for name in tasks.kind_names()}
+TaskOutputJSON = Annotated[Union[tuple(TASK_OUTPUT_MODELS.values())], Field(discriminator="kind")]  # noqa: UP007
+_STAGE_NOTES = {"inference_ms": "the forward pass of the whole batch"}
+TimingsJSON = create_model("TimingsJSON", **{f: (float, Field(description=_STAGE_NOTES.get(f))) for f in STAGE_FIELDS},
+                           batch_size=(int, ...))
 
 
 class PredictResponseJSON(BaseModel):

@@ -1,49 +1,24 @@
 """What the gateway knows about a model, read from its export manifest (never from the graph).
 
-The manifest (`training.export.manifest`) is the single source of task names, kinds, class and
+The manifest (`parsimony.manifest.Manifest`) is the single source of task names, kinds, class and
 attribute names, units and the input size; every backend, embedded or remote, describes its model
-with the same `ModelMetadata`, so the API answers identically whichever backend runs it.
+with the same `ModelMetadata`, so the API answers identically whichever backend runs it. A task is
+the contract's `parsimony.tasks.TaskInfo`: its kind object (``task.owner``) post-processes it and
+names the fields of its answer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from training.export.manifest import manifest_io_spec
-from training.export.spec import INPUT_NAME, ModelIOSpec
+from parsimony.layout import ONNX_FILE
+from parsimony.manifest import Manifest
+from parsimony.spec import INPUT_NAME, ModelIOSpec
+from parsimony.tasks import TaskInfo
 
-TASK_KINDS = ("segmentation", "depth", "normal", "attributes")
-ENCODINGS = ("png", "jpeg")
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    name: str
-    kind: str
-    output: str  # the model output tensor holding this task
-    channels: int
-    class_names: tuple[str, ...] = ()
-    attribute_names: tuple[str, ...] = ()
-    unit: str = ""
-    semantics: str = ""
-
-    @classmethod
-    def from_manifest(cls, section: dict) -> TaskInfo:
-        if section.get("kind") not in TASK_KINDS:
-            raise ValueError(
-                f"task {section.get('name')!r} has kind {section.get('kind')!r}, which the gateway cannot "
-                f"post-process (it knows {list(TASK_KINDS)}); re-export the model with this parsimony version"
-            )
-        return cls(
-            name=section["name"],
-            kind=section["kind"],
-            output=section.get("output", section["name"]),
-            channels=int(section["channels"]),
-            class_names=tuple(section.get("class_names", ())),
-            attribute_names=tuple(section.get("attribute_names", ())),
-            unit=section.get("unit", ""),
-            semantics=section.get("semantics", ""),
-        )
+__all__ = ["ModelMetadata", "TaskInfo"]
 
 
 @dataclass(frozen=True)
@@ -59,24 +34,23 @@ class ModelMetadata:
     io_spec: ModelIOSpec
     parameters: int = 0
     macs: int = 0
-    manifest: dict = field(default_factory=dict, repr=False, compare=False)
+    manifest: Manifest | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_manifest(cls, name: str, version: int, manifest: dict) -> ModelMetadata:
-        spec = manifest_io_spec(manifest)
-        image = spec.tensor(INPUT_NAME)
-        _, channels, height, width = image.shape
-        tasks = tuple(TaskInfo.from_manifest(t) for t in manifest["tasks"])
-        missing = [t.output for t in tasks if t.output not in spec.output_names]
-        if missing:
-            raise ValueError(
-                f"model {name!r} version {version}: tasks name outputs {missing} that the tensor spec lacks "
-                f"(it has {list(spec.output_names)}); the manifest is inconsistent, re-export the model"
-            )
-        complexity = manifest.get("complexity", {})
-        return cls(name=name, version=int(version), height=height, width=width, channels=channels, tasks=tasks,
-                   io_spec=spec, parameters=int(complexity.get("parameters", 0)),
-                   macs=int(complexity.get("macs", 0)), manifest=manifest)
+    def from_manifest(cls, name: str, version: int, manifest: Manifest | Mapping[str, Any]) -> ModelMetadata:
+        """From a loaded `Manifest` (or a manifest's JSON object, parsed and checked here)."""
+        if not isinstance(manifest, Manifest):
+            manifest = Manifest.parse(dict(manifest), f"of model {name!r} version {version}")
+        spec = manifest.tensor_spec
+        _, channels, height, width = spec.tensor(INPUT_NAME).shape
+        return cls(name=name, version=int(version), height=height, width=width, channels=channels,
+                   tasks=manifest.task_infos, io_spec=spec, parameters=manifest.complexity.parameters,
+                   macs=manifest.complexity.macs, manifest=manifest)
+
+    @property
+    def onnx_file(self) -> str:
+        """The graph's file name in the version folder (``model.onnx`` unless the manifest says otherwise)."""
+        return self.manifest.onnx_file if self.manifest is not None else ONNX_FILE
 
     @property
     def task_names(self) -> tuple[str, ...]:

@@ -12,12 +12,15 @@
 | parsimony_gateway_model_loads_total           | counter   | model, outcome                  |
 | parsimony_gateway_backend_ready               | gauge     | model                           |
 
-Stages of a successful prediction: decode, preprocess, queue, inference, postprocess, total.
-Latencies are histograms (not summaries) so that quantiles can be aggregated across replicas in
-Prometheus: ``histogram_quantile(0.99, sum by (le) (rate(parsimony_gateway_stage_seconds_bucket
-{stage="total"}[5m])))``. ``code`` is the gRPC status name for both protocols (the HTTP status
-follows from it, see `serving.server.errors`). A model label only ever holds a served model's
-name (unknown names count as ``""``), so clients cannot blow up the label cardinality.
+Stages of a successful prediction (`parsimony.wire.STAGES`): decode, preprocess, queue, inference,
+postprocess, total. Latencies are histograms (not summaries) so that quantiles can be aggregated
+across replicas in Prometheus: ``histogram_quantile(0.99, sum by (le) (rate(
+parsimony_gateway_stage_seconds_bucket{stage="total"}[5m])))``. ``code`` is a gRPC status name, for
+both protocols: HTTP-only refusals count as their gRPC equivalent (413 payload too large and 415
+unsupported media as INVALID_ARGUMENT, see `serving.server.errors`), so one query covers both and
+the server-side codes (`parsimony.wire.SERVER_FAULT_CODES`) are told from the callers' mistakes by
+name alone. A model label only ever holds a served model's name (unknown names count as ``""``),
+so clients cannot blow up the label cardinality.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "total")
+from parsimony.wire import STAGES
+
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)

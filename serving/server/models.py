@@ -16,13 +16,14 @@ folder changes. A version whose ``model.onnx`` does not match the SHA-256 its ma
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from parsimony.errors import ManifestError
+from parsimony.manifest import Manifest, sha256_file
 from serving import repository as repo_layout
 from serving.server import triton_backend  # noqa: F401  (registers the "triton" backend)
 from serving.server.backend import BACKENDS, Backend, create_backend  # noqa: F401  (BACKENDS: for the config)
@@ -31,7 +32,6 @@ from serving.server.config import default
 from serving.server.errors import ModelLoadError, ModelNotFound, ModelNotReady, shown
 from serving.server.metadata import ModelMetadata
 from serving.server.metrics import GatewayMetrics
-from training.export.manifest import ManifestError, load_manifest
 
 log = logging.getLogger("serving.server")
 
@@ -42,7 +42,7 @@ class ModelSource(Protocol):
     def latest(self) -> int | None:
         """The highest version present (None when there is none)."""
 
-    def read(self, version: int) -> tuple[Path, dict]:
+    def read(self, version: int) -> tuple[Path, Manifest]:
         """The version's folder and its manifest."""
 
 
@@ -58,7 +58,7 @@ class RepositorySource:
         present = repo_layout.versions(self.repository, self.name)
         return present[-1] if present else None
 
-    def read(self, version: int) -> tuple[Path, dict]:
+    def read(self, version: int) -> tuple[Path, Manifest]:
         found = repo_layout.read_version(self.repository, self.name, version)
         return found.path, found.manifest
 
@@ -76,8 +76,8 @@ class RunSource:
     def latest(self) -> int | None:
         return 1
 
-    def read(self, version: int) -> tuple[Path, dict]:
-        return self.run_dir, load_manifest(self.run_dir)
+    def read(self, version: int) -> tuple[Path, Manifest]:
+        return self.run_dir, Manifest.load(self.run_dir)
 
 
 def repository_models(repository: Path) -> list[str]:
@@ -130,10 +130,10 @@ class ServedModel:
 class ModelManager:
     sources: Sequence[ModelSource]
     metrics: GatewayMetrics
-    backend: str = "onnxruntime"
+    backend: str = default("backend")
     backend_options: dict = field(default_factory=dict)
     batching: BatchingOptions = field(default_factory=BatchingOptions)
-    poll_interval_s: float = 2.0
+    poll_interval_s: float = default("poll_interval_s")
 
     def __post_init__(self) -> None:
         self._sources = {s.name: s for s in self.sources}
@@ -259,22 +259,19 @@ class ModelManager:
         self._install(source.name, model)
 
 
-def check_graph_digest(version_dir: Path, manifest: dict) -> None:
+def check_graph_digest(version_dir: Path, manifest: Manifest) -> None:
     """Refuse a version whose ``model.onnx`` is not the graph its manifest describes (``onnx_sha256``).
 
     Manifests written before the digest existed have no ``onnx_sha256`` and are not checked; nor is a
     version without ``model.onnx`` (a TensorRT plan served by Triton)."""
-    expected = manifest.get("onnx_sha256")  # None (or absent): an export from before the digest
-    graph = Path(version_dir) / manifest.get("onnx_file", "model.onnx")
+    expected = manifest.onnx_sha256  # None: an export from before the digest
+    graph = Path(version_dir) / manifest.onnx_file
     if expected is None or not graph.is_file():
         return
-    digest = hashlib.sha256()
-    with graph.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != str(expected).lower():
+    actual = sha256_file(graph)
+    if actual != expected:
         raise ModelLoadError(
-            f"{graph} does not match its manifest: its SHA-256 is {digest.hexdigest()} but manifest.json's "
+            f"{graph} does not match its manifest: its SHA-256 is {actual} but manifest.json's "
             f"onnx_sha256 is {expected}; the folder mixes two exports: export the run again and convert it "
             f"into a new version")
 

@@ -14,6 +14,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from parsimony.wire import DEFAULT_OUTPUT_DTYPE, ENCODINGS, STAGES
 from serving.server import codec
 from serving.server.config import default
 from serving.server.errors import (
@@ -26,7 +27,6 @@ from serving.server.errors import (
     ShuttingDown,
     as_gateway_error,
 )
-from serving.server.metadata import ENCODINGS
 from serving.server.metrics import GatewayMetrics
 from serving.server.models import ModelManager, ServedModel
 
@@ -39,16 +39,17 @@ class PredictCall:
     encoded: bytes | None = None
     tensor: codec.RawTensor | None = None
     tasks: tuple[str, ...] = ()
-    output_dtype: str = "float32"
-    probabilities: bool = False
+    output_dtype: str = DEFAULT_OUTPUT_DTYPE
+    probabilities: bool = False  # the probability maps of every task whose kind has them
     deadline: float | None = None  # time.perf_counter() by which the caller wants the answer
 
 
 @dataclass(frozen=True, slots=True)
 class Timings:
-    """Server-side seconds per stage, summing to ``total``. ``inference`` is the forward pass of the
-    whole batch; ``postprocess`` runs from its end to this request's answer, so it includes the
-    post-processing of the requests of the same batch that were answered first."""
+    """Server-side seconds per stage (`parsimony.wire.STAGES`, in that order), summing to ``total``.
+    ``inference`` is the forward pass of the whole batch; ``postprocess`` runs from its end to this
+    request's answer, so it includes the post-processing of the requests of the same batch that were
+    answered first."""
 
     decode: float
     preprocess: float
@@ -58,12 +59,16 @@ class Timings:
     total: float
     batch_size: int
 
+    def milliseconds(self) -> dict[str, float]:
+        """``{"decode_ms": ..., "total_ms": ...}``: the stages as both protocols report them."""
+        return {f"{stage}_ms": getattr(self, stage) * 1e3 for stage in STAGES}
+
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
     model: str
     version: int
-    outputs: dict[str, codec.TaskOutput]
+    outputs: dict[str, codec.TaskResult]
     timings: Timings
 
 
@@ -142,14 +147,14 @@ class Gateway:
         preprocessed = time.perf_counter()
         if call.deadline is not None and call.deadline <= preprocessed:
             raise DeadlineExceeded("the request's deadline passed before it reached the model queue")
-        result = await model.batcher.submit(x, [t.output for t in tasks], call.deadline)
-        outputs = {t.name: codec.postprocess(t, result.outputs[t.output], dtype, call.probabilities) for t in tasks}
+        result = await model.batcher.submit(x, [t.output_name for t in tasks], call.deadline)
+        outputs = {t.name: codec.postprocess(t, result.outputs[t.output_name], dtype, call.probabilities)
+                   for t in tasks}
         done = time.perf_counter()
         queue, inference = result.queue_s, result.inference_s
         timings = Timings(decoded - started, preprocessed - decoded, queue, inference,
                           done - preprocessed - queue - inference, done - started, result.batch_size)
-        self.metrics.observe_stages(meta.name, (timings.decode, timings.preprocess, timings.queue,
-                                                timings.inference, timings.postprocess, timings.total))
+        self.metrics.observe_stages(meta.name, [getattr(timings, stage) for stage in STAGES])
         return Prediction(meta.name, meta.version, outputs, timings)
 
     def list_models(self) -> list[ServedModel]:
@@ -203,7 +208,7 @@ class _Tracked:
             self.error = as_gateway_error(exc)
             code = self.error.code
         model = self.model if self.model in self.gateway.models.names else ""
-        metrics.count(self.protocol, self.method, model, code.name)
+        metrics.count(self.protocol, self.method, model, code.grpc_name)
         if self.error is not None and self.error is not exc:
             raise self.error from exc
         return False

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from serving.server.config import default
 from serving.server.errors import StartupError
 
 log = logging.getLogger("serving.server")
@@ -32,7 +33,8 @@ log = logging.getLogger("serving.server")
 class CertificateFiles:
     """The server's certificate, key and optional client CA, and when they last changed."""
 
-    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None, reload_s: float = 10.0) -> None:
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None,
+                 reload_s: float = default("tls_reload_s")) -> None:
         self.cert, self.key, self.client_ca = Path(cert), Path(key), None if client_ca is None else Path(client_ca)
         self.reload_s = reload_s
         self._lock = threading.Lock()  # grpc calls grpc_update from its own threads

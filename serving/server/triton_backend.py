@@ -41,11 +41,11 @@ import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput, aio
 from tritonclient.utils import InferenceServerException
 
+from parsimony.spec import INPUT_NAME
 from serving.server.backend import Backend, register_backend
 from serving.server.config import default
 from serving.server.errors import BackendUnavailable, DeadlineExceeded, GatewayError, ModelLoadError
 from serving.server.metadata import ModelMetadata
-from training.export.spec import INPUT_NAME
 
 log = logging.getLogger("serving.server")
 
@@ -58,9 +58,10 @@ class TritonBackend(Backend):
     """One model served by the Triton server at ``url`` (``host:port`` of its gRPC endpoint)."""
 
     def __init__(self, version_dir: Path, metadata: ModelMetadata, *, url: str, max_batch_size: int = default("max_batch"),
-                 concurrency: int = 4, load_timeout_s: float = 300.0, health_interval_s: float = 1.0,
-                 retries: int = 3, retry_backoff_s: float = 0.05, call_timeout_s: float = 60.0,
-                 warmup_batch_sizes: Sequence[int] = (1,)) -> None:
+                 concurrency: int = default("triton_concurrency"),
+                 load_timeout_s: float = default("triton_load_timeout_s"), health_interval_s: float = 1.0,
+                 retries: int = 3, retry_backoff_s: float = 0.05, call_timeout_s: float = default("max_deadline_s"),
+                 warmup_batch_sizes: Sequence[int] = default("warmup_batch_sizes")) -> None:
         super().__init__(metadata, max_batch_size=max_batch_size)
         self.url = url
         self.concurrent_batches = concurrency

@@ -1,7 +1,10 @@
-"""`python -m serving.demo`: the serving half of `make demo`, from an exported run to answered requests.
+"""`python -m training.demo`: the serving half of `make demo`, from an exported run to answered requests.
 
     python -m training.run --config configs/demo.yaml             # train, sparsify, compact, export
-    python -m serving.demo --run runs/demo                         # convert, serve, call, stop
+    python -m training.demo --run runs/demo                        # convert, serve, call, stop
+
+It lives in `training` because it renders its sample image from the run's own data set (which
+needs the training side); everything it runs after that is the serving and client commands.
 
 Steps, each printed as it runs and each the command a user would type:
 
@@ -34,6 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from parsimony.layout import CONFIG_FILE, ONNX_FILE
+from parsimony.manifest import Manifest
 from serving.triton_process import free_ports
 from training.config import load_yaml
 
@@ -53,10 +58,9 @@ def run(title: str, cmd: list[str]) -> None:
 def sample_image(run_dir: Path, index: int = 0) -> Path:
     """A validation image of the run's data set at the model's input size, as PNG."""
     from training.data.registry import DatasetSpec, build_dataset
-    from training.export.manifest import load_manifest
 
-    config = load_yaml(run_dir / "config.yaml")
-    height, width = load_manifest(run_dir)["input"]["size"]
+    config = load_yaml(run_dir / CONFIG_FILE)
+    height, width = Manifest.load(run_dir).image_size
     data = config["dataset"]
     spec = DatasetSpec(root=data.get("root"), image_size=(height, width), num_samples=index + 1,
                        seed=config.get("seed", 0), options=dict(data.get("options") or {}))
@@ -105,7 +109,7 @@ def stop(process: subprocess.Popen) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=Path("runs/demo"), help="an exported training run (default runs/demo)")
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -126,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     run_dir, repository = args.run, args.repository
-    if not (run_dir / "model.onnx").is_file():
-        print(f"error: {run_dir} has no model.onnx; train and export first: "
+    if not (run_dir / ONNX_FILE).is_file():
+        print(f"error: {run_dir} has no {ONNX_FILE}; train and export first: "
               f"python -m training.run --config configs/demo.yaml", file=sys.stderr)
         return 2
     run("convert", ["python", "-m", "serving.convert", str(run_dir), "--repository", str(repository),
