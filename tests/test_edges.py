@@ -4,12 +4,15 @@ and the synthetic-scenes boundary target it trains on."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from parsimony.manifest import Manifest
 from parsimony.tasks.edges import THRESHOLD
 from training.baselines import evaluate_predictor, fit_trivial
 from training.data import DatasetSpec, build_dataset
@@ -22,9 +25,11 @@ from training.kinds.edges import THRESHOLDS, EdgeMetric
 from training.losses import MultiTaskLoss, task_loss
 from training.metrics import delta_metric_names, metric_direction, primary_metric
 from training.models import available_heads, create_model
+from training.run import main
 from training.tasks import TaskSpec
 
 EDGES = TaskSpec("edges", "edges", 1)
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "scenes-edges.yaml"
 
 
 def _logits(probabilities: list[float]) -> torch.Tensor:
@@ -241,3 +246,20 @@ def test_edge_metric_and_loss_on_cuda_match_cpu() -> None:
     gpu.update(logits.cuda(), target.cuda())
     assert torch.equal(gpu.counts.cpu(), cpu.counts) and gpu.compute() == cpu.compute()
     assert task_loss(EDGES, logits.cuda(), target.cuda()).item() == pytest.approx(task_loss(EDGES, logits, target).item())
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def test_four_task_config_trains_compacts_and_exports(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    tiny = ["--epochs", "1", "--train-samples", "16", "--val-samples", "8", "--image-size", "32", "48",
+            "--batch-size", "8", "--lam", "0.5", "--sparsity-cooldown", "0"]
+    assert main(["--config", str(CONFIG), *tiny, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["tasks"]) == ["segmentation", "depth", "normal", "edges"]
+    assert metrics["trivial"]["edges"]["ods_f"] == 0.0 and 0 < metrics["tasks"]["edges"]["ods_f"] <= 100
+    manifest = Manifest.load(out)
+    assert manifest.tensor_spec.tensor("edges").shape == (-1, 1, 32, 48)
+    assert [t.kind for t in manifest.task_infos] == ["segmentation", "depth", "normal", "edges"]
+    assert "ods_f" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from training.kinds import TRIVIAL_LOGIT, kind_of
 from training.metrics import MultiTaskMetrics
 from training.tasks import TaskSpec
 
-__all__ = ["TRIVIAL_LOGIT", "Predictor", "TrivialPredictor", "evaluate_predictor", "fit_trivial"]
+__all__ = ["TRIVIAL_LOGIT", "Predictor", "TrivialPredictor", "evaluate_predictor", "fit_trivial", "trivial_names"]
 
 Predictor = Callable[[Tensor], Mapping[str, Tensor]]
 
@@ -62,6 +62,11 @@ class _Accumulator:
                 f"task {self.task.name!r}: no valid {self.task.kind} target in the training batches"
             )
         return self.kind.trivial_constant(self.task, self.sums, self.count)
+
+
+def trivial_names(tasks: Sequence[TaskSpec]) -> str:
+    """What the trivial baselines of ``tasks`` predict, e.g. ``"majority class, mean depth"``."""
+    return ", ".join(dict.fromkeys(kind_of(t).trivial for t in tasks))
 
 
 def fit_trivial(tasks: Sequence[TaskSpec], batches: Iterable[Mapping[str, Tensor]]) -> TrivialPredictor:

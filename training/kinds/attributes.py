@@ -72,6 +72,7 @@ class Attributes(TrainingKind):
     heads = ("pool_linear",)
     primary = "mean_acc"
     higher_is_better = frozenset(_MEANS)
+    trivial = "majority attributes"
 
     def loss(self, task: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
         """Binary cross-entropy on logits, mean over samples and attributes."""

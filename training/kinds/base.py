@@ -115,6 +115,7 @@ class TrainingKind(abc.ABC):
     higher_is_better: ClassVar[frozenset[str]] = frozenset()
     lower_is_better: ClassVar[frozenset[str]] = frozenset()
     delta_metrics: ClassVar[tuple[str, ...]]  # the metrics entering ΔMTL
+    trivial: ClassVar[str]  # what the trivial baseline predicts, in a few words
     resize_mode: ClassVar[Literal["nearest", "bilinear"]] = "nearest"  # how a resize resamples targets
 
     @property

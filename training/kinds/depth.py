@@ -56,6 +56,7 @@ class Depth(TrainingKind):
     primary = "abs_err"
     lower_is_better = frozenset({"abs_err", "rel_err"})
     delta_metrics = ("abs_err", "rel_err")
+    trivial = "mean depth"
 
     def loss(self, task: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
         """L1 in metres, averaged over pixels whose ground truth is non-zero."""

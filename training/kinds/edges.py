@@ -108,6 +108,7 @@ class Edges(TrainingKind):
     primary = "ods_f"
     higher_is_better = frozenset({"precision", "recall", "f", "ods_f"})  # ods_threshold has no direction
     delta_metrics = ("ods_f",)
+    trivial = "all background"
 
     def loss(self, task: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
         """Class-balanced binary cross-entropy over the valid pixels (see the module doc)."""

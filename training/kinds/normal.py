@@ -100,6 +100,7 @@ class Normal(TrainingKind):
     lower_is_better = frozenset({"mean", "median"})
     higher_is_better = frozenset(_NAMES[2:])
     delta_metrics = _NAMES
+    trivial = "mean normal"
 
     def loss(self, task: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
         """1 − cosine similarity, averaged over pixels whose ground-truth vector is not all zero.

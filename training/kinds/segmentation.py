@@ -76,6 +76,7 @@ class Segmentation(TrainingKind):
     primary = "miou"
     higher_is_better = frozenset({"miou", "pixel_acc"})
     delta_metrics = ("miou", "pixel_acc")
+    trivial = "majority class"
 
     def loss(self, task: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
         """Cross-entropy per pixel, averaged over pixels whose target lies in [0, C)."""
