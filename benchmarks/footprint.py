@@ -9,12 +9,13 @@
    for reference: disk usage of each site-packages folder (as ``du`` counts it) and its
    distributions. With ``--torch-wheel`` (a CPU build of torch) also what the gateway image
    installed at ``--before``: that revision's package with CPU torch.
-2. **The gateway**: ``python -m serving.server --run RUN`` started ``--repeats`` times each way,
-   interleaved; *before* is the code at git revision ``--before`` (a worktree) run with the full
-   venv, *after* is the working tree's wheel run from the serve venv, in a folder outside the
-   repository. Measured: seconds from process start until ``/readyz`` answers 200, resident memory
-   then, and the peak resident memory (``VmHWM``) after ``--requests`` predictions over HTTP.
-   A warm-up start each way is left out (compiled bytecode, page cache).
+2. **The gateway and the converter**, ``--repeats`` rounds, each way in turn; *before* is the code
+   at git revision ``--before`` (a worktree) run with the full venv, *after* is the working tree's
+   wheel run from the serve venv, in a folder outside the repository. Measured: for
+   ``python -m serving.server --run RUN``, seconds from process start until ``/readyz`` answers
+   200, resident memory then, and the peak resident memory (``VmHWM``) after ``--requests``
+   predictions over HTTP; for ``python -m serving.convert RUN`` into an empty repository, its wall
+   time and peak resident memory. A warm-up round is left out (compiled bytecode, page cache).
 
 Without ``--run`` a small model (tiny encoder, 64x96, three tasks) is trained with the *before*
 code, so both read it. Results: ``OUT/footprint.json`` and ``OUT/footprint.md`` (the tables for
@@ -190,6 +191,50 @@ def measure_start(python: Path | str, run: Path, model: str, cwd: Path, image: b
         stop(proc)
 
 
+# runs a module as `python -m MODULE ARGS` would, then writes its exit status, the modules it loaded
+# and VmHWM: the peak of this process image only (the rusage high-water mark would also count the
+# forking parent's pages before exec)
+MODULE_PROBE = r"""
+import json, runpy, sys
+out, module, *args = sys.argv[1:]
+sys.argv = [module, *args]
+code = 0
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+except SystemExit as stop:
+    code = stop.code or 0
+hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+with open(out, "w") as f:
+    json.dump({"exit": code, "modules": sorted(sys.modules), "vmhwm_kb": hwm[0] if hwm else None}, f)
+"""
+
+
+def probe_module(python: Path | str, module: str, *args: str, cwd: Path, env: dict | None = None,
+                 timeout: float = 300) -> dict:
+    """``python -m module args`` in a fresh interpreter, through `MODULE_PROBE`: its exit status,
+    loaded modules, peak RSS (``vmhwm_kb``), wall ``seconds``, ``stdout`` and ``stderr``."""
+    with tempfile.TemporaryDirectory(prefix="footprint-probe-") as tmp:
+        out = Path(tmp) / "probe.json"
+        t0 = time.monotonic()
+        done = subprocess.run([str(python), "-c", MODULE_PROBE, str(out), module, *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        seconds = time.monotonic() - t0
+        if not out.is_file():
+            raise RuntimeError(f"python -m {module} {' '.join(args)} died before its end (exit status "
+                               f"{done.returncode}):\n{done.stderr[-3000:]}")
+        return {**json.loads(out.read_text()), "seconds": seconds, "stdout": done.stdout, "stderr": done.stderr}
+
+
+def measure_convert(python: Path | str, run: Path, cwd: Path, env: dict | None = None) -> dict:
+    """One ``python -m serving.convert RUN`` into an empty repository: wall seconds and peak RSS (MiB)."""
+    with tempfile.TemporaryDirectory(prefix="footprint-repository-") as repository:
+        got = probe_module(python, "serving.convert", str(run), "--repository", repository, "--name", "footprint",
+                           cwd=cwd, env=env)
+    if got["exit"] != 0:
+        raise RuntimeError(f"serving.convert exited with {got['exit']}: {got['stderr'][-2000:]}")
+    return {"convert_s": got["seconds"], "convert_peak_mib": got["vmhwm_kb"] / 1024}
+
+
 # --- the two sides -----------------------------------------------------------------------------------------
 
 
@@ -236,6 +281,25 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+ROWS = [  # (key, what it is, format)
+    ("ready_s", "gateway: start to ready (s)", "{:.2f}"),
+    ("rss_ready_mib", "gateway: RSS at ready (MiB)", "{:.0f}"),
+    ("peak_rss_mib", "gateway: peak RSS after the predictions (MiB)", "{:.0f}"),
+    ("convert_s", "serving.convert: wall time (s)", "{:.2f}"),
+    ("convert_peak_mib", "serving.convert: peak RSS (MiB)", "{:.0f}"),
+]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def report(result: dict) -> str:
     env, lines = result["env"], []
     lines += [f"{env['date']}, {env['cores']} cores ({env['cpu']}), Python {env['python']}, load average "
@@ -244,17 +308,15 @@ def report(result: dict) -> str:
     for row in result["sizes"]:
         lines.append(f"| {row['install']} | {row['bytes'] / MB:,.0f} | {row['distributions']} | "
                      f"{'yes' if row['torch'] else 'no'} |")
-    lines += ["", f"Gateway start on `{result['run']}` ({result['image_size'][0]}x{result['image_size'][1]}), "
-              f"median of {result['repeats']} interleaved starts each, {result['requests']} HTTP predictions "
-              "before the peak is read:", "",
-              "| code | install | start to ready (s) | RSS at ready (MiB) | peak RSS (MiB) |", "|---|---|---|---|---|"]
-    for side in ("before", "after"):
-        runs = result["gateway"][side]
-        lines.append(f"| {result['labels'][side]} | {result['installs'][side]} | {median_of(runs, 'ready_s'):.2f} | "
-                     f"{median_of(runs, 'rss_ready_mib'):.0f} | {median_of(runs, 'peak_rss_mib'):.0f} |")
-    before, after = result["gateway"]["before"], result["gateway"]["after"]
-    lines += ["", f"After / before: start {median_of(after, 'ready_s') / median_of(before, 'ready_s'):.2f}x, "
-              f"peak RSS {median_of(after, 'peak_rss_mib') / median_of(before, 'peak_rss_mib'):.2f}x."]
+    before, after = result["rounds"]["before"], result["rounds"]["after"]
+    lines += ["", f"Median of {result['repeats']} interleaved rounds on `{result['run']}` "
+              f"({result['image_size'][0]}x{result['image_size'][1]}); the gateway answers {result['requests']} "
+              "HTTP predictions before its peak is read:", "",
+              f"| measured | before: {result['labels']['before']} | after: {result['labels']['after']} | after / before |",
+              "|---|---|---|---|"]
+    for key, what, fmt in ROWS:
+        b, a = median_of(before, key), median_of(after, key)
+        lines.append(f"| {what} | {fmt.format(b)} | {fmt.format(a)} | {a / b:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -307,22 +369,22 @@ def main(argv: list[str] | None = None) -> int:
     serve_python, scratch = pythons["'.[serve]'"], out / "cwd"
     scratch.mkdir(exist_ok=True)
     sides = {"before": (full, tree, tree_env(tree)), "after": (serve_python, scratch, None)}
-    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    rounds: dict[str, list[dict]] = {"before": [], "after": []}
     for i in range(args.repeats + 1):  # the first round warms up and is left out
         for side, (python, cwd, env) in sides.items():
-            got = measure_start(python, run, "footprint", cwd, image, args.requests, env, log=out / f"{side}.log")
-            print(f"{'warm-up' if i == 0 else f'round {i}'} {side}: ready {got['ready_s']:.2f} s, "
-                  f"RSS {got['rss_ready_mib']:.0f} MiB, peak {got['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+            got = {**measure_start(python, run, "footprint", cwd, image, args.requests, env, log=out / f"{side}.log"),
+                   **measure_convert(python, run, cwd, env)}
+            print(f"{'warm-up' if i == 0 else f'round {i}'} {side}: " +
+                  ", ".join(f"{key} {got[key]:.2f}" for key, _, _ in ROWS), file=sys.stderr)
             if i:
-                runs[side].append(got)
+                rounds[side].append(got)
 
     env = {**started, "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()), "cores": os.cpu_count(),
-           "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+           "cpu": cpu_name(), "python": platform.python_version()}
     result = {"env": env, "args": {k: str(v) for k, v in vars(args).items()}, "wheel": wheel.name, "sizes": size_rows,
               "run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run), "image_size": size,
-              "repeats": args.repeats, "requests": args.requests, "gateway": runs,
-              "labels": {"before": f"{args.before} (torch installed)", "after": "working tree"},
-              "installs": {"before": "full venv", "after": "'.[serve]' venv"}}
+              "repeats": args.repeats, "requests": args.requests, "rounds": rounds,
+              "labels": {"before": f"{args.before}, full venv", "after": "working tree, '.[serve]' venv"}}
     text = report(result)
     (out / "footprint.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "footprint.md").write_text(text)

@@ -15,7 +15,7 @@ import pytest
 from gateway_support import image_bytes
 from PIL import Image
 
-from benchmarks.footprint import build_wheel, role_venv, start_gateway, stop
+from benchmarks.footprint import build_wheel, probe_module, role_venv, start_gateway, stop
 from benchmarks.soak import wait_http_ready
 
 pytestmark = pytest.mark.slow
@@ -50,9 +50,9 @@ def importable(python: Path, names: list[str], cwd: Path) -> list[str]:
 
 
 def assert_help(python: Path, module: str, cwd: Path) -> None:
-    done = run(python, "-m", module, "--help", cwd=cwd)
-    assert done.returncode == 0, f"python -m {module} --help failed:\n{done.stderr[-3000:]}"
-    assert done.stdout.startswith(f"usage: python -m {module}"), done.stdout[:300]
+    got = probe_module(python, module, "--help", cwd=cwd)
+    assert got["exit"] == 0, f"python -m {module} --help failed:\n{got['stderr'][-3000:]}"
+    assert got["stdout"].startswith(f"usage: python -m {module}"), got["stdout"][:300]
 
 
 def test_the_serve_install_runs_the_gateway_and_the_converter_without_pytorch(serve_python, tmp_path):

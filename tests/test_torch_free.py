@@ -19,26 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.footprint import probe_module
+
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {"parsimony", "training", "serving", "clients"}
 HEAVY = {"torch", "torchvision", "onnx"}  # never in a serving or client process
 CLIENT_HEAVY = HEAVY | {"onnxruntime", "tritonclient", "matplotlib"}  # not installed with '.[client]'
 CONTRACT_DEPS = {"numpy", "pydantic"}
 CONTRACT_LAZY = {"onnx", "onnxruntime"}  # imported inside the functions that need them, never at the top
-
-# runs a module as `python -m MODULE ARGS...` would, then records its exit status and sys.modules
-PROBE = r"""
-import json, runpy, sys
-out, module, *args = sys.argv[1:]
-sys.argv = [module, *args]
-code = 0
-try:
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
-except SystemExit as stop:
-    code = stop.code or 0
-with open(out, "w") as f:
-    json.dump({"exit": code, "modules": sorted(sys.modules)}, f)
-"""
 
 COMMANDS = [  # (module, what must not be loaded)
     ("serving.server", HEAVY),
@@ -48,23 +36,14 @@ COMMANDS = [  # (module, what must not be loaded)
 ]
 
 
-def run_probe(tmp_path: Path, module: str, *args: str, python: str = sys.executable) -> dict:
-    """``python -m module args`` in a fresh interpreter: its exit status, output and loaded modules."""
-    out = tmp_path / f"{module}.json"
-    done = subprocess.run([python, "-c", PROBE, str(out), module, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=180)
-    assert out.is_file(), f"python -m {module} {' '.join(args)} died before its end:\n{done.stderr[-3000:]}"
-    return {**json.loads(out.read_text()), "stdout": done.stdout, "stderr": done.stderr}
-
-
 def loaded(modules: list[str], banned: set[str]) -> list[str]:
     """The top-level packages of ``banned`` that appear in ``modules``."""
     return sorted({m.split(".")[0] for m in modules} & banned)
 
 
 @pytest.mark.parametrize(("module", "banned"), COMMANDS, ids=[m for m, _ in COMMANDS])
-def test_the_command_starts_without_pytorch(tmp_path, module, banned):
-    got = run_probe(tmp_path, module, "--help")
+def test_the_command_starts_without_pytorch(module, banned):
+    got = probe_module(sys.executable, module, "--help", cwd=ROOT)
     assert got["exit"] == 0, got["stderr"][-3000:]
     # the command itself answered (so an empty list below means something)
     assert got["stdout"].startswith(f"usage: python -m {module}"), got["stdout"][:500]
@@ -72,7 +51,7 @@ def test_the_command_starts_without_pytorch(tmp_path, module, banned):
     assert "training" not in {m.split(".")[0] for m in got["modules"]}, f"python -m {module} imported training"
 
 
-def test_the_gateway_and_the_client_libraries_import_without_pytorch(tmp_path):
+def test_the_gateway_and_the_client_libraries_import_without_pytorch():
     """Importing the gateway's entry point, the repository reader and both client commands together
     loads neither torch nor training (a program embedding them stays small)."""
     code = ("import json, sys, serving.server.__main__, serving.repository, serving.convert, clients, "
