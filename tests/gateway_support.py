@@ -1,5 +1,6 @@
 """Helpers for the gateway tests: repositories from exported runs, a real server on a background event
-loop, encoded test images, free ports, and a deliberately slow backend for timing-dependent cases.
+loop, encoded test images, free ports, a deliberately slow backend for timing-dependent cases, and a
+hand-built export of any dense task kinds (`hand_built_export`) that needs no training.
 
 `RunningGateway` starts the full `GatewayServer` (gRPC and HTTP on real loopback sockets) in this
 process on its own event loop thread, so tests use ordinary blocking clients (grpc stubs, httpx)
@@ -22,6 +23,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from parsimony.layout import export_files
+from parsimony.manifest import Manifest, sha256_file
+from parsimony.tasks import TaskSpec, kind, model_io_spec
+from parsimony.wire import from_wire
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.proto.parsimony.v1 import gateway_pb2_grpc as pb_grpc
 from serving.server.backend import BACKENDS, OnnxRuntimeBackend, register_backend
@@ -67,8 +72,56 @@ def free_port() -> int:
 
 
 def tensor_of(message: pb.Tensor) -> np.ndarray:
-    names = {pb.FLOAT32: "<f4", pb.FLOAT16: "<f2", pb.UINT8: "u1", pb.INT32: "<i4"}
-    return np.frombuffer(message.data, names[message.dtype]).reshape(tuple(message.shape))
+    return from_wire(pb.DataType.Name(message.dtype).lower(), message.shape, message.data)
+
+
+def answers(response: pb.PredictResponse) -> dict[str, dict[str, np.ndarray | dict]]:
+    """``{task: {field: value}}`` of every field a response sets, read through each task's kind."""
+    found = {}
+    for task, out in response.outputs.items():
+        name = out.WhichOneof("output")
+        message = getattr(out, name)
+        found[task] = {f.name: dict(getattr(message, f.name)) if f.what == "map" else tensor_of(getattr(message, f.name))
+                       for f in kind(name).fields if f.what == "map" or message.HasField(f.name)}
+    return found
+
+
+def hand_built_export(folder: Path, tasks: tuple[TaskSpec, ...], size: tuple[int, int] = (32, 48),
+                      seed: int = 0) -> Path:
+    """``model.onnx`` and ``manifest.json`` of a model with dense ``tasks``, built by hand: each task's
+    output is a 1x1 convolution of the image with random weights (so every output depends on its
+    image, with both signs), named and shaped by the contract's tensor spec, described by a manifest
+    from the kinds' own sections. Serves any kind end to end before a trained model of it exists."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    spec = model_io_spec(tasks, size)
+    rng = np.random.default_rng(seed)
+    nodes, weights = [], []
+    for task in tasks:
+        w = rng.standard_normal((task.channels, 3, 1, 1)).astype(np.float32) * 4
+        b = rng.standard_normal(task.channels).astype(np.float32) - 2 * w.sum(axis=(1, 2, 3)) / 4
+        weights += [numpy_helper.from_array(w, f"{task.name}_w"), numpy_helper.from_array(b, f"{task.name}_b")]
+        nodes.append(helper.make_node("Conv", ["image", f"{task.name}_w", f"{task.name}_b"], [task.name]))
+
+    def value(tensor):
+        return helper.make_tensor_value_info(tensor.name, TensorProto.FLOAT,
+                                             ["batch" if d == -1 else d for d in tensor.shape])
+
+    graph = helper.make_graph(nodes, "hand_built", [value(t) for t in spec.inputs], [value(t) for t in spec.outputs],
+                              initializer=weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx_path, manifest_path = export_files(folder)
+    onnx.save(model, onnx_path)
+    spec.check_against_onnx(onnx_path)
+    Manifest.parse({
+        "format_version": 1, "model_name": "hand-built", "onnx_sha256": sha256_file(onnx_path),
+        "input": {"size": list(size)}, "io_spec": spec.to_dict(), "model_config": {}, "export": {},
+        "tasks": [kind(t.kind).manifest_section(t.info()) for t in tasks],
+        "complexity": {"parameters": sum(numpy_helper.to_array(w).size for w in weights), "macs": 0},
+    }).write(manifest_path)
+    return folder
 
 
 @register_backend("slow-onnxruntime")

@@ -14,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from parsimony.manifest import load_manifest
+from parsimony.tasks import kind, kind_names
+from parsimony.wire import STAGE_FIELDS, WIRE_DTYPES, proto_dtype_name
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.server.codec import preprocess
 from serving.server.grpc_service import PredictionServicer
@@ -174,6 +176,27 @@ def test_errors_are_counted_by_code(gw):
     metrics = gw.http().get("/metrics").text
     assert 'parsimony_gateway_errors_total{code="INVALID_ARGUMENT",method="Predict",model="scenes",protocol="grpc"}' in metrics
     assert 'parsimony_gateway_errors_total{code="NOT_FOUND",method="Predict",model="",protocol="grpc"}' in metrics
+
+
+def test_the_proto_has_one_message_per_kind_with_the_kinds_fields():
+    """The proto is written by hand (it is the public API), the kinds in `parsimony.tasks`: the gateway
+    encodes a kind's answer as the ``TaskOutput`` field named after the kind, one message field per
+    answer field, so the two must agree; so must the dtypes and the timing stages."""
+    oneof = pb.TaskOutput.DESCRIPTOR.oneofs_by_name["output"]
+    assert {f.name for f in oneof.fields} == set(kind_names())
+    for slot in oneof.fields:
+        owner = kind(slot.name)
+        message = slot.message_type
+        assert [f.name for f in message.fields] == list(owner.field_names), slot.name
+        for field in owner.fields:
+            proto = message.fields_by_name[field.name].message_type
+            if field.what == "map":
+                assert proto.GetOptions().map_entry and proto.fields_by_name["value"].type == proto.fields_by_name[
+                    "value"].TYPE_FLOAT, f"{slot.name}.{field.name}"
+            else:
+                assert proto is pb.Tensor.DESCRIPTOR, f"{slot.name}.{field.name}"
+    assert set(pb.DataType.keys()) - {"DATA_TYPE_UNSPECIFIED"} == {proto_dtype_name(d) for d in WIRE_DTYPES}
+    assert [f.name for f in pb.Timings.DESCRIPTOR.fields] == [*STAGE_FIELDS, "batch_size"]
 
 
 # --- queue, deadlines, backend failures: a slowed-down backend makes them deterministic -----------

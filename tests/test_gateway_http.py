@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 
+import grpc
 import numpy as np
 import pytest
 from gateway_support import RunningGateway, SlowBackend, decoded, image_bytes, publish_version
@@ -166,6 +167,17 @@ def test_errors_have_a_status_and_a_message(client, case, request_kw, status, me
     error = r.json()["error"]
     assert message in error["message"] and Code[error["code"]].http == status
     assert client.post("/v1/models/scenes:predict", content=PNG, headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def test_error_metrics_carry_grpc_code_names_only(client):
+    """HTTP-only refusals (413 payload too large, 415 unsupported media) count as INVALID_ARGUMENT:
+    one code vocabulary for both protocols, in which the server's own faults are told apart by name."""
+    for _, request_kw, status, _ in ERRORS:
+        assert client.post("/v1/models/scenes:predict", **request_kw).status_code == status
+    codes = {line.split('code="', 1)[1].split('"', 1)[0] for line in client.get("/metrics").text.splitlines()
+             if line.startswith("parsimony_gateway_errors_total{")}
+    assert "INVALID_ARGUMENT" in codes and codes <= set(grpc.StatusCode.__members__), codes
+    assert all(code.grpc_name in grpc.StatusCode.__members__ for code in Code)
 
 
 def test_unknown_model_is_404(client):

@@ -205,11 +205,12 @@ def test_a_busy_port_is_a_clear_error(exported_run):
 
 
 def test_the_gateway_and_the_client_start_without_pytorch():
-    """The server and the clients read manifests and tensor specs from `training.export`, never
-    PyTorch: importing them must not load torch (seconds of start-up, hundreds of MB per replica)."""
-    code = ("import sys, serving.server.__main__, serving.repository, clients.predict, clients.load; "
-            "import training.export, training.models; training.export.load_manifest, training.models.ModelConfig; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    """The server and the clients read manifests and tensor specs from the contract (`parsimony`),
+    never PyTorch nor the training package: importing them must not load torch (seconds of start-up,
+    hundreds of MB per replica)."""
+    code = ("import sys, serving.server.__main__, serving.repository, serving.convert, clients.predict, clients.load; "
+            "import parsimony.manifest, parsimony.spec; parsimony.manifest.Manifest, parsimony.spec.ModelIOSpec; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

@@ -143,6 +143,47 @@ def test_the_batcher_and_backends_take_their_defaults_from_the_config():
     assert inspect.signature(OnnxRuntimeBackend).parameters["max_batch_size"].default == default("max_batch")
 
 
+def test_every_flag_shows_its_default_from_the_config():
+    """Every flag of a setting with a default says that default, as `ServerConfig` holds it."""
+    parser = build_parser()
+    checked = []
+    for action in parser._actions:
+        field = ServerConfig.model_fields.get(action.dest)
+        if field is None or field.default in (None, ()) or not action.option_strings:
+            continue
+        value = field.default
+        shown = ("on" if value else "off") if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) \
+            else str(value)
+        assert f"default {shown}" in " ".join(action.help.split()), action.option_strings
+        checked.append(action.dest)
+    assert {"max_queue", "max_batch", "backend", "threads", "ort_spinning", "docs", "tls_reload_s"} <= set(checked)
+
+
+def test_backends_and_the_certificate_watcher_take_their_defaults_from_the_config():
+    import inspect
+
+    from serving.server.backend import OnnxRuntimeBackend
+    from serving.server.batcher import DynamicBatcher
+    from serving.server.models import ModelManager
+    from serving.server.tls import CertificateFiles
+    from serving.server.triton_backend import TritonBackend
+
+    def defaults(target) -> dict:
+        return {k: p.default for k, p in inspect.signature(target).parameters.items()}
+
+    assert defaults(DynamicBatcher)["max_delay_s"] == default("max_queue_delay_ms") / 1e3
+    assert defaults(DynamicBatcher)["max_batch"] == default("max_batch")
+    ort = defaults(OnnxRuntimeBackend)
+    assert (ort["threads"], ort["spinning"], ort["warmup_batch_sizes"]) == (
+        default("threads"), default("ort_spinning"), default("warmup_batch_sizes"))
+    triton = defaults(TritonBackend)
+    assert (triton["max_batch_size"], triton["concurrency"], triton["load_timeout_s"]) == (
+        default("max_batch"), default("triton_concurrency"), default("triton_load_timeout_s"))
+    assert ModelManager.__dataclass_fields__["backend"].default == default("backend")
+    assert ModelManager.__dataclass_fields__["poll_interval_s"].default == default("poll_interval_s")
+    assert defaults(CertificateFiles)["reload_s"] == default("tls_reload_s")
+
+
 def test_flags_reach_the_config(exported_run):
     args = build_parser().parse_args(["--run", str(exported_run), "--max-deadline-s", "5", "--idle-timeout-s", "3",
                                       "--max-connections", "10", "--docs"])

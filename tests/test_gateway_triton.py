@@ -19,12 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from gateway_support import RunningGateway, image_bytes, tensor_of
+from gateway_support import RunningGateway, answers, image_bytes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from triton_server import randomised_copy, require_triton, start_tritonserver
 from tritonclient.utils import InferenceServerException
 
 from parsimony.manifest import load_manifest
+from parsimony.tasks import kind
 from serving.convert import convert
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.server.errors import BackendUnavailable, DeadlineExceeded
@@ -100,19 +101,9 @@ def predict(gw, model: str, data: bytes, timeout: float = 30) -> pb.PredictRespo
 
 
 def outputs_of(response: pb.PredictResponse) -> dict[str, np.ndarray | dict]:
-    found = {}
-    for task, out in response.outputs.items():
-        kind = out.WhichOneof("output")
-        value = getattr(out, kind)
-        if kind == "segmentation":
-            found[task] = tensor_of(value.class_map)
-        elif kind == "depth":
-            found[task] = tensor_of(value.depth)
-        elif kind == "normal":
-            found[task] = tensor_of(value.normal)
-        else:
-            found[task] = dict(value.probabilities)
-    return found
+    """Each task's primary field (class map, metres, ...), as its kind names it."""
+    return {task: fields[kind(response.outputs[task].WhichOneof("output")).primary]
+            for task, fields in answers(response).items()}
 
 
 def assert_same_outputs(got: dict, want: dict, what: str) -> None:
