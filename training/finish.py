@@ -15,7 +15,7 @@ from parsimony.errors import InputFileError
 from parsimony.files import read_json, validate
 from parsimony.io import atomic_write_json
 from parsimony.layout import METRICS_FILE
-from training.baselines import evaluate_predictor, fit_trivial
+from training.baselines import evaluate_predictor, fit_trivial, trivial_names
 from training.checkpoint import BEST, FINAL, LAST, TrainProgress
 from training.distributed import barrier
 from training.engine import evaluate
@@ -83,7 +83,7 @@ def final_evaluation(run: Run, progress: TrainProgress) -> dict:
     atomic_write_json(run.run_dir / METRICS_FILE, result)
     epoch = progress.best_epoch if which == "best" else progress.epoch - 1
     print(f"\nTest metrics of {run.run_dir} ({which} checkpoint, epoch {epoch}) "
-          f"against the trivial baselines (majority class, mean depth, mean normal, majority attributes):")
+          f"against the trivial baselines ({trivial_names(run.tasks)}):")
     print(metrics_table(run.tasks, test_metrics, trivial))
     print(f"parameters {result['parameters'] / 1e6:.2f} M, MACs {result['macs'] / 1e9:.3f} G at {h}x{w}")
     print(format_report(sparsity))
