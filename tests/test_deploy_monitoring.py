@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -36,6 +37,7 @@ from gateway_support import RunningGateway, image_bytes, publish_version
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from parsimony.wire import SERVER_FAULT_CODES
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 
 PROMTOOL = shutil.which("promtool")
@@ -73,6 +75,20 @@ def test_alert_rules_pass_promtool_check_and_their_unit_tests(promtool, tmp_path
     tested_alerts = {t["alertname"] for case in yaml.safe_load((BASE / "alerts.test.yaml").read_text())["tests"]
                      for t in case["alert_rule_test"] if t["exp_alerts"]}
     assert tested_alerts == {r["alert"] for r in alert_rules([rules])}, "every alert has a firing unit test"
+
+
+def test_server_side_error_ratios_count_server_side_codes_only():
+    """Every query that filters the error metric by ``code`` (the alert, the dashboard's ratio) selects
+    exactly `parsimony.wire.SERVER_FAULT_CODES` among the gRPC status names the metric carries; the
+    alert's unit test shows a burst of client errors not firing it."""
+    filters = [(where, op, value) for where, expr in every_promql(render(OVERLAYS["gpu"]))
+               for metric, matchers in promql_selectors(expr)[0] if metric == "parsimony_gateway_errors_total"
+               for label, op, value in matchers if label == "code"]
+    assert "alert ParsimonyGatewayErrorRatioHigh" in {f[0] for f in filters} and len(filters) >= 2, filters
+    for where, op, value in filters:
+        assert op == "=~", where
+        pattern = re.compile(value)  # PromQL anchors its regular expressions at both ends
+        assert {name for name in grpc.StatusCode.__members__ if pattern.fullmatch(name)} == set(SERVER_FAULT_CODES), where
 
 
 def test_every_promql_expression_parses(promtool, tmp_path):
