@@ -63,11 +63,13 @@ bench-gateway: venv
 bench-triton-gateway: venv triton-venv
 	$(PY) -m benchmarks.triton_gateway
 
-# installed size of each role's venv, the gateway's start-to-ready time and peak RSS against BEFORE
-# (a git revision, run with the full venv); builds the venvs under runs/footprint
+# installed size of each role's venv, the gateway's and the converter's start-up and peak RSS against
+# BEFORE (a git revision, run with the full venv); venvs and results in runs/footprint. TORCH_WHEEL (a
+# CPU torch wheel) adds the size of what the gateway image installed at BEFORE.
 BEFORE ?= 3115934
+TORCH_WHEEL ?=
 bench-footprint: venv
-	$(PY) -m benchmarks.footprint --before $(BEFORE)
+	$(PY) -m benchmarks.footprint --before $(BEFORE) $(if $(TORCH_WHEEL),--torch-wheel $(TORCH_WHEEL))
 
 # every GPU measurement in one call (training on CUDA with AMP, torchrun/nccl, CUDA compaction and
 # proximal-step benchmarks, ORT's CUDA provider, the gpu-marked tests); report in runs/gpu-check.
