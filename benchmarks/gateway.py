@@ -69,11 +69,14 @@ from PIL import Image
 from benchmarks._gateway_bounds import INSTALL_HINT, ceilings, echo_server, h2load_available, h2load_run
 from benchmarks._gateway_report import report, update_markdown
 from benchmarks.compaction import CASES, sparsify
+from parsimony import onnxrt
+from parsimony.io import atomic_write_json
+from parsimony.layout import MANIFEST_FILE, ONNX_FILE
+from parsimony.wire import STAGE_FIELDS
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.proto.parsimony.v1 import gateway_pb2_grpc as pb_grpc
-from serving.server.backend import SPINNING, session_options
 from serving.server.codec import preprocess
-from training.io import atomic_write_json
+from serving.server.config import default
 from training.timing import median_ms, sample_ms
 
 log = logging.getLogger("benchmarks.gateway")
@@ -101,10 +104,10 @@ def prepare_model(key: str, size: tuple[int, int], repo: Path, seed: int) -> Pat
     small, _ = compact(sparsify(dense, 50, seed), round_to=8)
     version = repo / key / "1"
     version.mkdir(parents=True)
-    report = export_onnx(small, version / "model.onnx", image_size=size, check_batch_sizes=(1,))
+    report = export_onnx(small, version / ONNX_FILE, image_size=size, check_batch_sizes=(1,))
     manifest = build_manifest(small, io_spec(small.config, size), image_size=size, report=report,
                               extra={"benchmark": "benchmarks.gateway", "sparsity": 50, "round_to": 8})
-    write_manifest(version / "manifest.json", manifest)
+    write_manifest(version / MANIFEST_FILE, manifest)
     return version
 
 
@@ -126,10 +129,9 @@ def encode(image: np.ndarray, fmt: str) -> bytes:
 
 
 def ort_sessions(onnx_path: Path, threads: int) -> dict[str, ort.InferenceSession]:
-    """ONNX Runtime with each spinning mode of the gateway's (`serving.server.backend.SPINNING`):
-    latency is compared with the gateway's own mode, throughput with the best mode."""
-    return {mode: ort.InferenceSession(str(onnx_path), session_options(threads, mode), providers=["CPUExecutionProvider"])
-            for mode in SPINNING}
+    """ONNX Runtime with each spinning mode of the gateway's (`parsimony.onnxrt.SPINNING`), configured
+    as the gateway configures its own: latency is compared with the gateway's mode, throughput with the best."""
+    return {mode: onnxrt.session(onnx_path, threads=threads, spinning=mode) for mode in onnxrt.SPINNING}
 
 
 def ort_throughput(sessions: dict[str, ort.InferenceSession], x: np.ndarray, args) -> dict:
@@ -213,7 +215,7 @@ def alternating_latency(port: int, request: pb.PredictRequest, sessions: dict, x
 
 def _stages(responses: list[pb.PredictResponse]) -> dict[str, float]:
     return {f: statistics.median([getattr(r.timings, f) for r in responses])
-            for f in ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms", "total_ms")}
+            for f in STAGE_FIELDS}
 
 
 async def _throughput(port: int, request: pb.PredictRequest, concurrency: int, seconds: float,
@@ -315,7 +317,7 @@ def run_model(key: str, args) -> dict:
         repo = Path(tmp)
         version = prepare_model(key, size, repo, args.seed)
         log.info("%s %dx%d: exported; measuring ONNX Runtime in process, the gateway and the gRPC floor", key, *size)
-        ort_result, gateway = measure(repo, key, image, version / "model.onnx", args)
+        ort_result, gateway = measure(repo, key, image, version / ONNX_FILE, args)
     ort_p50, gw_p50, floor = ort_result["p50_ms"], gateway["tensor"]["p50_ms"], gateway["floor"]["p50_ms"]
     best = ort_result["best_throughput"]
     ratios = {"p50": gw_p50 / ort_p50, "p50_without_transport": (gw_p50 - floor) / ort_p50,
@@ -346,8 +348,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None,
                    help="alternating rounds of ORT and the gateway, for latency and for throughput (default 6; quick 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the zeroed channels")
-    p.add_argument("--ort-spinning", choices=list(SPINNING), default="run",
-                   help="the gateway's --ort-spinning, and ORT's in process for the latency (default run)")
+    p.add_argument("--ort-spinning", choices=list(onnxrt.SPINNING), default=default("ort_spinning"),
+                   help=f"the gateway's --ort-spinning, and ORT's in process for the latency "
+                        f"(default {default('ort_spinning')}, the gateway's)")
     p.add_argument("--no-h2load", dest="h2load", action="store_false",
                    help=f"skip the measurements with h2load, a C load generator ({INSTALL_HINT}): the no-op server's "
                         f"own cost, the ceilings it implies, and the gateway's throughput without a Python client")

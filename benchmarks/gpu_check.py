@@ -146,6 +146,8 @@ def ort_providers(onnx_path: Path, dry_run: bool) -> Callable[[Path], dict]:
         import numpy as np
         import onnxruntime as ort
 
+        from parsimony import onnxrt
+
         available = ort.get_available_providers()
         gpu = "CPUExecutionProvider" if dry_run else "CUDAExecutionProvider"
         if gpu not in available:
@@ -153,7 +155,7 @@ def ort_providers(onnx_path: Path, dry_run: bool) -> Callable[[Path], dict]:
                                "install onnxruntime-gpu to time the CUDA provider"}
         out = {"onnxruntime": ort.__version__}
         for provider in dict.fromkeys([gpu, "CPUExecutionProvider"]):
-            session = ort.InferenceSession(str(onnx_path), providers=[provider])
+            session = onnxrt.session(onnx_path, providers=[provider])  # the gateway's options, this provider
             inp = session.get_inputs()[0]
             for batch in (1, 8):
                 x = np.random.default_rng(0).random((batch, *inp.shape[1:]), dtype=np.float32)

@@ -48,6 +48,7 @@ import httpx
 
 from benchmarks import soak_fuzz
 from clients import AsyncClient, ClientError, RetryPolicy
+from parsimony.layout import export_files
 
 log = logging.getLogger("benchmarks.soak")
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +117,8 @@ def publish(repository: Path, model: str, run_dir: Path, version: int) -> None:
     """Copy an exported run into ``repository/model/version`` (staged, then renamed into place)."""
     staging = repository / model / f".staging-{version}"
     staging.mkdir(parents=True)
-    for name in ("model.onnx", "manifest.json"):
-        shutil.copy2(run_dir / name, staging / name)
+    for source in export_files(run_dir):
+        shutil.copy2(source, staging / source.name)
     staging.rename(repository / model / str(version))
 
 
@@ -128,11 +129,10 @@ def demo_image(run_dir: Path) -> bytes:
     import numpy as np
     from PIL import Image
 
-    from serving.server.metadata import ModelMetadata
-    from training.export.manifest import load_manifest
+    from parsimony.manifest import Manifest
 
-    meta = ModelMetadata.from_manifest("soak", 1, load_manifest(run_dir))
-    pixels = np.random.default_rng(0).integers(0, 256, (meta.height, meta.width, 3), dtype=np.uint8)
+    height, width = Manifest.load(run_dir).image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()

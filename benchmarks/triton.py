@@ -54,10 +54,11 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
 
+from parsimony import onnxrt
+from parsimony.io import atomic_write_json
 from serving.convert import ConvertError, ExportedModel, convert, load_export
 from serving.triton_config import ServingOptions, preferred_batch_sizes
 from serving.triton_process import TritonInstall, TritonUnavailable, start_tritonserver
-from training.io import atomic_write_json
 from training.timing import sample_ms
 
 log = logging.getLogger("benchmarks.triton")
@@ -106,7 +107,7 @@ def build_demo_run(directory: Path, seed: int = 0) -> Path:
     import torch
 
     from benchmarks.compaction import sparsify
-    from training.artifacts import COMPACT_DIR, MANIFEST_FILE, ONNX_FILE
+    from parsimony.layout import COMPACT_DIR, MANIFEST_FILE, ONNX_FILE
     from training.compaction import compact, save_compact
     from training.data.synthetic_scenes import TASKS
     from training.export import export_onnx
@@ -136,11 +137,8 @@ def example_images(export: ExportedModel, batch: int, seed: int = 0) -> np.ndarr
 
 
 def ort_call(export: ExportedModel, threads: int) -> Call:
-    """A session configured as the python backend's (serving/python_backend/model.py)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(export.onnx_path), options, providers=["CPUExecutionProvider"])
+    """A session configured as the python backend's (its config carries `parsimony.onnxrt.session_settings`)."""
+    session = onnxrt.session(export.onnx_path, threads=threads)
     name, outputs = export.spec.input_names[0], list(export.spec.output_names)
     return lambda images: session.run(outputs, {name: images})
 
@@ -272,15 +270,15 @@ def environment(install: TritonInstall, client: grpcclient.InferenceServerClient
                 argv: list[str]) -> dict:
     probe = [str(install.venv / "bin" / "python"), "-c", "import onnxruntime; print(onnxruntime.__version__)"]
     triton_ort = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
-    complexity = export.manifest["complexity"]
+    manifest = export.manifest
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": shlex.join(["python", "-m", "benchmarks.triton", *argv]), "machine": machine(),
             "onnxruntime": ort.__version__, "triton_onnxruntime": triton_ort,
             "tritonserver": client.get_server_metadata().version, "tritonclient": version("tritonclient"),
-            "model": export.manifest["model_name"],
-            "source": export.manifest.get("extra", {}).get("benchmark") or f"run {export.directory}",
+            "model": manifest.model_name,
+            "source": manifest.extra.get("benchmark") or f"run {export.directory}",
             "image_size": list(export.spec.inputs[0].concrete_shape(1)[-2:]),
-            "parameters": complexity["parameters"], "macs": complexity["macs"],
+            "parameters": manifest.complexity.parameters, "macs": manifest.complexity.macs,
             "outputs": list(export.spec.output_names)}
 
 
