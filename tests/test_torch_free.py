@@ -2,8 +2,9 @@
 start in a fresh interpreter without loading torch, torchvision or onnx (the clients without ONNX
 Runtime, the Triton client or matplotlib either); no module of `serving` or `clients` imports
 `training`; the contract package `parsimony` imports only the standard library, numpy and pydantic
-at module level; and every third-party module that `serving` and `clients` import comes with their
-extra of pyproject.toml (`serve`, `client`), so `pip install '.[serve]'` or `'.[client]'` is enough.
+at module level; and every third-party module that `serving`, `clients` and `training` import comes
+with their extra of pyproject.toml (`serve`, `client`, `train`), so `pip install '.[serve]'`,
+`'.[client]'` or `'.[train]'` is enough (training.demo, which runs all three, needs them all).
 tests/test_extras_install.py installs those extras into empty venvs and runs the commands there."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ HEAVY = {"torch", "torchvision", "onnx"}  # never in a serving or client process
 CLIENT_HEAVY = HEAVY | {"onnxruntime", "tritonclient", "matplotlib"}  # not installed with '.[client]'
 CONTRACT_DEPS = {"numpy", "pydantic"}
 CONTRACT_LAZY = {"onnx", "onnxruntime"}  # imported inside the functions that need them, never at the top
+ALL_ROLES = {"training/demo.py"}  # runs training, serving and a client: needs every extra (the dev install)
 
 COMMANDS = [  # (module, what must not be loaded)
     ("serving.server", HEAVY),
@@ -101,6 +103,14 @@ def imports(path: Path, *, top_level_only: bool = False) -> list[tuple[int, str]
 def third_party(module: str) -> str | None:
     top = module.split(".")[0]
     return None if not top or top in FIRST_PARTY or top in sys.stdlib_module_names else top
+
+
+def test_training_imports_serving_and_the_clients_only_in_the_demo():
+    """`pip install '.[train]'` runs training.run, .sweep, .compact and .export without the gateway's
+    or the clients' packages; only training.demo, which runs all three roles, imports them."""
+    offenders = [f"{p.relative_to(ROOT)}:{line}: {m}" for p in python_files("training") for line, m in imports(p)
+                 if m.split(".")[0] in {"serving", "clients"} and p.relative_to(ROOT).as_posix() not in ALL_ROLES]
+    assert offenders == [], "training imports serving or clients:\n" + "\n".join(offenders)
 
 
 @pytest.mark.parametrize("package", ["serving", "clients"])
@@ -191,17 +201,16 @@ def extra_closure(extra: str) -> frozenset[str]:
     return frozenset(name for name, _ in seen)
 
 
-@pytest.mark.parametrize(("package", "extra"), [("serving", "serve"), ("clients", "client")])
+@pytest.mark.parametrize(("package", "extra"), [("serving", "serve"), ("clients", "client"), ("training", "train")])
 def test_every_third_party_import_comes_with_the_extra(package, extra):
     provided = extra_closure(extra)
-    assert "torch" not in provided, f"the {extra} extra installs PyTorch"
     distributions = md.packages_distributions()
     missing = []
     for path in python_files(package):
         rel = path.relative_to(ROOT).as_posix()
         for line, module in imports(path):
             top = third_party(module)
-            if top is None or (rel, top) in SUPPLIED_ELSEWHERE:
+            if top is None or (rel, top) in SUPPLIED_ELSEWHERE or rel in ALL_ROLES:
                 continue
             if not {canonical(d) for d in distributions.get(top, [top])} & provided:
                 missing.append(f"{rel}:{line}: {module} ({', '.join(distributions.get(top, ['not installed']))})")
