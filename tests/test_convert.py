@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from parsimony import onnxrt
 from parsimony.manifest import load_manifest
 from serving import repository as layout
 from serving.convert import convert, label_files, main
 from serving.tensorrt_build import BuildSettings, optimization_profile, tensorrt_available, trtexec_args
 from serving.triton_config import (
     FORMATS,
+    ORT_PARAMETER,
     ConfigError,
     ServingOptions,
     config_io_spec,
@@ -47,6 +49,18 @@ def config_of(repo: Path, name: str):
 
 
 # --- layout and generated config ----------------------------------------------------------------------
+
+
+def test_the_python_backend_gets_the_projects_onnxruntime_settings(exported_run, tmp_path):
+    """The python-backend model cannot import this project: its ONNX Runtime settings travel in the
+    config (those of `parsimony.onnxrt`, with --threads), under the prefix the model file restates."""
+    repo = tmp_path / "repo"
+    assert run_cli(exported_run, "--repository", repo, "--name", "scenes", "--format", "python", "--threads", "2") == 0
+    params = {k: v.string_value for k, v in config_of(repo, "scenes").parameters.items()}
+    settings = {k[len(ORT_PARAMETER):]: v for k, v in params.items() if k.startswith(ORT_PARAMETER)}
+    assert settings == onnxrt.session_settings(threads=2) and settings["intra_op_num_threads"] == "2"
+    template = (ROOT / "serving" / "python_backend" / "model.py").read_text()
+    assert f'ORT_PARAMETER = "{ORT_PARAMETER}"' in template
 
 
 def test_python_format_layout_config_and_labels(exported_faces_run, tmp_path):
