@@ -25,6 +25,7 @@ import pytest
 import yaml
 from triton_server import TritonUnavailable, require_triton, start_tritonserver
 
+from parsimony.layout import MODEL_CONFIG_FILE
 from serving import leftovers as writers
 from serving import repository as layout
 from serving.convert import PAUSE_ENV, convert, main
@@ -84,7 +85,7 @@ def check_gateway_reads(repo: Path, expected: dict[str, int]) -> None:
     assert {name: layout.read_version(repo, name).version for name in repository_models(repo)} == expected
     assert not [p for p in repo.iterdir() if p.is_dir() and p.name.startswith(".")]  # Triton would load it
     for name in expected:
-        config = parse_config((repo / name / layout.CONFIG_FILE).read_text())
+        config = parse_config((repo / name / MODEL_CONFIG_FILE).read_text())
         assert config_io_spec(config) == layout.read_version(repo, name).io_spec
         for output in config.output:
             if output.label_filename:
