@@ -126,6 +126,17 @@ class StartupError(RuntimeError):
     """The server cannot start as configured (a busy port, an empty repository, unreadable certificates)."""
 
 
+def answered_codes() -> list[Code]:
+    """The error codes the gateway answers with: those of its exceptions, and INTERNAL for the rest
+    (the wire's table also names statuses only proxies or clients produce)."""
+    found, pending = {Code.INTERNAL}, [GatewayError]
+    while pending:
+        cls = pending.pop()
+        found.add(cls.code)
+        pending += cls.__subclasses__()
+    return [code for code in Code if code in found]
+
+
 def shown(text: str, limit: int = 64) -> str:
     """``text`` quoted for an error message, cut to ``limit`` characters: never echo a whole request field."""
     if len(text) <= limit:

@@ -45,6 +45,7 @@ from serving.server.errors import (
     InvalidInput,
     ShuttingDown,
     UnsupportedMediaType,
+    answered_codes,
     as_gateway_error,
     shown,
 )
@@ -61,7 +62,7 @@ from serving.server.service import Deadline, Gateway, PredictCall, Prediction, d
 
 CAPPED_HEADER = "X-Deadline-Capped-Ms"
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
-_ERRORS = {code.http: {"model": ErrorJSON, "description": code.name} for code in Code if code.http >= 400}
+_ERRORS = {code.http: {"model": ErrorJSON, "description": code.name} for code in answered_codes()}
 _PREDICT_BODY = {
     "required": True,
     "content": {

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from parsimony.errors import ManifestError
+from parsimony.layout import newest_version
 from parsimony.manifest import Manifest, sha256_file
 from serving import repository as repo_layout
 from serving.server import triton_backend  # noqa: F401  (registers the "triton" backend)
@@ -55,8 +56,7 @@ class RepositorySource:
         return str(Path(self.repository) / self.name)
 
     def latest(self) -> int | None:
-        present = repo_layout.versions(self.repository, self.name)
-        return present[-1] if present else None
+        return newest_version(repo_layout.model_dir(self.repository, self.name))
 
     def read(self, version: int) -> tuple[Path, Manifest]:
         found = repo_layout.read_version(self.repository, self.name, version)
