@@ -9,6 +9,9 @@
 #         and $OUT/max_batch (the batch size the plan was built for, for the install step's --max-batch)
 # The optimisation profile covers batch 1..$MAX_BATCH at the exported image size, as
 # serving.tensorrt_build.trtexec_args does (tests/test_engine_builder.py checks that they agree).
+# The flags are written here, not asked of that function: this runs in NVIDIA's own TensorRT image
+# (the plan must come from the TensorRT that Triton loads), which has python3 but not this project,
+# and a ConfigMap can carry only files of this folder. The newest version is found here for the same reason.
 # MAX_BATCH defaults to the source model's max_batch_size in its config.pbtxt, so the plan serves
 # the batches Triton already forms for that model.
 set -euo pipefail
