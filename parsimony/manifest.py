@@ -71,6 +71,27 @@ class Complexity(BaseModel):
     note: str = MACS_NOTE
 
 
+class GraphTensor(BaseModel):
+    """One output of a final graph: which field of which task's answer, in which dtype."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    task: str
+    field: str
+    dtype: str
+    name: str
+
+
+class GraphSection(BaseModel):
+    """Present when the graph computes final answers (pre- and post-processing inside): its image
+    input's dtype (uint8 ``[N, H, W, C]`` or float32 ``[N, C, H, W]``) and what each output holds.
+    A manifest without it describes a raw graph (float32 input, each task's head output)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    outputs: Literal["final"] = "final"
+    input_dtype: Literal["uint8", "float32"]
+    tensors: list[GraphTensor] = Field(min_length=1)
+
+
 class Manifest(BaseModel):
     """The manifest of one exported graph (see the module doc); unknown keys pass through."""
 
@@ -89,6 +110,7 @@ class Manifest(BaseModel):
     export: dict[str, Any]
     versions: dict[str, str] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)
+    graph: GraphSection | None = None
 
     # --- reading and writing -------------------------------------------------------------------
 
@@ -139,6 +161,13 @@ class Manifest(BaseModel):
                 kind(task.kind, task=task.name)
             except UnknownKind as exc:
                 raise ManifestError(f"manifest {path}: field 'tasks.{i}.kind': {exc}") from None
+        if self.graph is not None:
+            tasks = {t.name for t in self.tasks}
+            for i, tensor in enumerate(self.graph.tensors):
+                if tensor.name not in outputs or tensor.task not in tasks:
+                    raise ManifestError(f"manifest {path}: field 'graph.tensors.{i}': tensor {shown(tensor.name)} of "
+                                        f"task {shown(tensor.task)} is not an output of io_spec or not a task; "
+                                        f"re-export the model")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, mode="json", exclude_unset=True)
@@ -163,6 +192,21 @@ class Manifest(BaseModel):
     def image_size(self) -> tuple[int, int]:
         h, w = self.input.size
         return h, w
+
+    @property
+    def final(self) -> bool:
+        """Whether the graph returns final answers (else raw head outputs the reader post-processes)."""
+        return self.graph is not None
+
+    def output_tensor(self, task: str, field: str, dtype: str) -> str | None:
+        """The name of the final graph's output holding ``field`` of ``task`` in ``dtype``; None
+        when the graph has no such output (or is a raw graph)."""
+        if self.graph is None:
+            return None
+        for t in self.graph.tensors:
+            if t.task == task and t.field == field and t.dtype == dtype:
+                return t.name
+        return None
 
     def verify_onnx(self, onnx_path: str | Path) -> None:
         """Refuse ``onnx_path`` unless its SHA-256 is ``onnx_sha256`` (a manifest without the field,

@@ -196,6 +196,20 @@ def image_spec(channels: int, image_size: tuple[int, int]) -> TensorSpec:
     return TensorSpec(INPUT_NAME, "float32", (DYNAMIC, int(channels), h, w))
 
 
+INPUT_DTYPES = ("uint8", "float32")  # what a final graph's image input may be (see `image_input_spec`)
+
+
+def image_input_spec(channels: int, image_size: tuple[int, int], dtype: str) -> TensorSpec:
+    """The image input of a graph that converts and normalises inside: ``uint8 [-1, H, W, C]``
+    (pixels as image decoders return them) or ``float32 [-1, C, H, W]`` (RGB in [0, 1])."""
+    if dtype not in INPUT_DTYPES:
+        raise SpecError(f"image input dtype {dtype!r} is not supported; choose one of {list(INPUT_DTYPES)}")
+    if dtype == "float32":
+        return image_spec(channels, image_size)
+    h, w = check_image_size(image_size)
+    return TensorSpec(INPUT_NAME, "uint8", (DYNAMIC, h, w, int(channels)))
+
+
 def check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
     size = tuple(image_size)
     if len(size) != 2 or any(

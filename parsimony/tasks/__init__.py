@@ -20,10 +20,19 @@ import pkgutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from parsimony.spec import ModelIOSpec, image_spec, validate_name
-from parsimony.tasks.base import Field, FieldValue, Kind, Picture, TaskInfo
+from parsimony.spec import ModelIOSpec, TensorSpec, image_input_spec, image_spec, validate_name
+from parsimony.tasks.base import (
+    RAW,
+    Field,
+    FieldValue,
+    GraphOutput,
+    Kind,
+    Picture,
+    TaskInfo,
+    graph_output_name,
+)
 
-__all__ = ["KINDS", "Field", "FieldValue", "Kind", "Picture", "TaskInfo", "TaskSpec", "UnknownKind", "discover", "kind",
+__all__ = ["KINDS", "RAW", "GraphOutput", "final_io_spec", "graph_output_name", "Field", "FieldValue", "Kind", "Picture", "TaskInfo", "TaskSpec", "UnknownKind", "discover", "kind",
            "kind_names", "model_io_spec", "select_tasks"]
 
 KINDS: dict[str, Kind] = {}
@@ -139,3 +148,20 @@ def model_io_spec(tasks: Sequence[TaskSpec], image_size: tuple[int, int], channe
         validate_name(task.name, f"task ({task.kind})")
         outputs.append(kind(task.kind, task=task.name).output_spec(task.name, task.channels, size))
     return ModelIOSpec(inputs=(image,), outputs=tuple(outputs))
+
+
+def final_io_spec(tasks: Sequence[TaskSpec], image_size: tuple[int, int], channels: int = 3, *,
+                  input_dtype: str = "uint8", raw: bool = True) -> tuple[ModelIOSpec, tuple[GraphOutput, ...]]:
+    """The tensor spec of a graph that computes final answers (pre- and post-processing inside),
+    and what each of its outputs is: the ``image`` input as `image_input_spec` says, then for each
+    task every field of its answer in every dtype it is offered in (`Kind.graph_outputs`), plus
+    the raw head output ``TASK_raw`` when ``raw``."""
+    image = image_input_spec(channels, image_size, input_dtype)
+    size = (image.shape[1], image.shape[2]) if input_dtype == "uint8" else (image.shape[2], image.shape[3])
+    outputs: list[GraphOutput] = []
+    for task in tasks:
+        validate_name(task.name, f"task ({task.kind})")
+        info = task.info() if isinstance(task, TaskSpec) else task
+        outputs += kind(task.kind, task=task.name).graph_outputs(info, size, raw=raw)
+    spec = ModelIOSpec(inputs=(image,), outputs=tuple(TensorSpec(o.name, o.dtype, o.shape) for o in outputs))
+    return spec, tuple(outputs)

@@ -21,6 +21,9 @@ class Attributes(Kind):
         names = task.labels or tuple(str(i) for i in range(raw.shape[0]))
         return {"probabilities": dict(zip(names, scores.tolist(), strict=True))}
 
+    def field_shape(self, task: TaskInfo, field: str, image_size: tuple[int, int]) -> tuple[int, ...]:
+        return (task.channels,)
+
     def picture(self, task: TaskInfo, value: FieldValue) -> Picture:
         ordered = {name: value[name] for name in task.labels if name in value} | dict(value)
         return Picture("scores", ordered, ", ".join(f"{k} {v:.2f}" for k, v in ordered.items()))

@@ -33,12 +33,40 @@ FieldValue = np.ndarray | dict[str, float]
 @dataclass(frozen=True)
 class Field:
     """One field of a kind's answer: a tensor or a ``{name: float}`` map; ``optional`` fields are
-    probability maps computed only when the caller asks for probabilities."""
+    probability maps computed only when the caller asks for probabilities. ``dtype`` is the
+    element type: ``"float"`` for float32 or float16 as the caller asks (maps: always float32),
+    ``"class"`` for class indices (uint8 up to 256 classes, else int32), else a fixed wire dtype."""
 
     name: str
     what: Literal["tensor", "map"]
     description: str
     optional: bool = False
+    dtype: str = "float"
+
+
+@dataclass(frozen=True)
+class GraphOutput:
+    """One output tensor of a graph that computes final answers (see `graph_output_name`): the
+    ``field`` of ``task``'s answer in ``dtype``, ``shape`` with the dynamic batch dimension first;
+    ``field`` is `RAW` for the head's raw output (logits), an opt-in output."""
+
+    task: str
+    field: str
+    dtype: str
+    shape: tuple[int, ...]
+    name: str
+
+
+RAW = "raw"  # the pseudo-field of a task's raw head output in a final graph
+
+
+def graph_output_name(task: str, field: str, dtype: str, primary: str) -> str:
+    """The tensor name of one answer field in a final graph: the task's name for its primary
+    field, ``TASK_FIELD`` for the others, ``TASK_raw`` for the raw head output, and a ``_fp16``
+    suffix for float16 copies of float fields. E.g. ``segmentation`` (class map),
+    ``segmentation_probabilities``, ``segmentation_probabilities_fp16``, ``depth_fp16``."""
+    name = task if field == primary else f"{task}_{field}"
+    return f"{name}_fp16" if dtype == "float16" else name
 
 
 @dataclass(frozen=True)
@@ -158,11 +186,46 @@ class Kind(abc.ABC):
     def optional_fields(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields if f.optional)
 
+    # --- final outputs computed in the graph ----------------------------------------------------
+
+    def field_shape(self, task: TaskInfo, field: str, image_size: tuple[int, int]) -> tuple[int, ...]:
+        """The per-image shape of ``field`` (tensor fields; maps are ``[channels]`` vectors in the graph)."""
+        raise NotImplementedError(f"kind {self.name!r} does not say the shape of its field {field!r}")
+
+    def field_dtypes(self, task: TaskInfo, field: str) -> tuple[str, ...]:
+        """The dtypes a final graph offers ``field`` in: float32 and float16 for float tensors,
+        float32 for maps, the class dtype for class maps, else the field's fixed dtype."""
+        f = self.field(field)
+        if f.dtype == "class":
+            return (class_dtype_name(task.channels),)
+        if f.dtype == "float":
+            return ("float32", "float16") if f.what == "tensor" else ("float32",)
+        return (f.dtype,)
+
+    def graph_outputs(self, task: TaskInfo, image_size: tuple[int, int], raw: bool = True) -> tuple[GraphOutput, ...]:
+        """Every output a final graph has for ``task``: each field in each of its dtypes, and (when
+        ``raw``) the head's raw output as ``TASK_raw``."""
+        out = []
+        for f in self.fields:
+            shape = (DYNAMIC, *self.field_shape(task, f.name, image_size))
+            for dtype in self.field_dtypes(task, f.name):
+                out.append(GraphOutput(task.name, f.name, dtype, shape,
+                                       graph_output_name(task.name, f.name, dtype, self.primary)))
+        if raw:
+            spec = self.output_spec(f"{task.name}_{RAW}", task.channels, image_size)
+            out.append(GraphOutput(task.name, RAW, spec.dtype, spec.shape, spec.name))
+        return tuple(out)
+
     # --- what a client shows -------------------------------------------------------------------
 
     @abc.abstractmethod
     def picture(self, task: TaskInfo, value: FieldValue) -> Picture:
         """What a client draws (or writes) of the primary field ``value``."""
+
+
+def class_dtype_name(classes: int) -> str:
+    """The class map's dtype: uint8 up to 256 classes, else int32."""
+    return "uint8" if classes <= 256 else "int32"
 
 
 def sigmoid(x: np.ndarray, dtype=np.float32) -> np.ndarray:

@@ -26,6 +26,9 @@ class Depth(Kind):
     def postprocess(self, task: TaskInfo, raw: np.ndarray, dtype: np.dtype, probabilities: bool) -> dict[str, FieldValue]:
         return {"depth": np.maximum(raw[0], 0).astype(dtype, copy=False)}
 
+    def field_shape(self, task: TaskInfo, field: str, image_size: tuple[int, int]) -> tuple[int, ...]:
+        return tuple(image_size)
+
     def picture(self, task: TaskInfo, value: FieldValue) -> Picture:
         finite = value[np.isfinite(value)].astype(np.float64)
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)

@@ -17,7 +17,8 @@ class Edges(Kind):
     target = "float32 [1, H, W] in {0, 1} (1 = boundary), -1 = ignore"
     semantics = f"logits, sigmoid gives the boundary probability; an edge where it is >= {THRESHOLD}"
     fields = (
-        Field("edge_map", "tensor", f"[H, W] uint8, {EDGE} on boundaries (probability >= {THRESHOLD}), 0 elsewhere"),
+        Field("edge_map", "tensor", f"[H, W] uint8, {EDGE} on boundaries (probability >= {THRESHOLD}), 0 elsewhere",
+              dtype="uint8"),
         Field("probabilities", "tensor", "[H, W] boundary probability", optional=True),
     )
     primary = "edge_map"
@@ -28,6 +29,9 @@ class Edges(Kind):
         if probabilities:
             out["probabilities"] = sigmoid(logits).astype(dtype, copy=False)
         return out
+
+    def field_shape(self, task: TaskInfo, field: str, image_size: tuple[int, int]) -> tuple[int, ...]:
+        return tuple(image_size)
 
     def picture(self, task: TaskInfo, value: FieldValue) -> Picture:
         labels = ("background", "boundary")

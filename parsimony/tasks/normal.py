@@ -19,6 +19,9 @@ class Normal(Kind):
     def postprocess(self, task: TaskInfo, raw: np.ndarray, dtype: np.dtype, probabilities: bool) -> dict[str, FieldValue]:
         return {"normal": raw.astype(dtype, copy=False)}
 
+    def field_shape(self, task: TaskInfo, field: str, image_size: tuple[int, int]) -> tuple[int, ...]:
+        return (3, *image_size)
+
     def picture(self, task: TaskInfo, value: FieldValue) -> Picture:
         mean = value.reshape(3, -1).astype(np.float64).mean(axis=1)
         return Picture("vector", value, f"mean direction x {mean[0]:+.2f}, y {mean[1]:+.2f}, z {mean[2]:+.2f}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parsimony.tasks.base import Field, FieldValue, Kind, Picture, TaskInfo, class_shares
+from parsimony.tasks.base import Field, FieldValue, Kind, Picture, TaskInfo, class_dtype_name, class_shares
 
 
 class Segmentation(Kind):
@@ -14,7 +14,8 @@ class Segmentation(Kind):
     target = "int64 [H, W] class index, -1 = ignore"
     semantics = "logits, argmax over dim 1 gives the class index"
     fields = (
-        Field("class_map", "tensor", "[H, W] class indices into class_names (uint8; int32 beyond 256 classes)"),
+        Field("class_map", "tensor", "[H, W] class indices into class_names (uint8; int32 beyond 256 classes)",
+              dtype="class"),
         Field("probabilities", "tensor", "[C, H, W] softmax over the classes", optional=True),
     )
     primary = "class_map"
@@ -25,6 +26,9 @@ class Segmentation(Kind):
             out["probabilities"] = softmax(raw).astype(dtype, copy=False)
         return out
 
+    def field_shape(self, task: TaskInfo, field: str, image_size: tuple[int, int]) -> tuple[int, ...]:
+        return tuple(image_size) if field == "class_map" else (task.channels, *image_size)
+
     def picture(self, task: TaskInfo, value: FieldValue) -> Picture:
         names = task.labels or tuple(str(i) for i in range(int(value.max()) + 1))
         return Picture("classes", value, f"{len(names)} classes; most pixels: {class_shares(value, names)}",
@@ -32,8 +36,8 @@ class Segmentation(Kind):
 
 
 def class_dtype(classes: int) -> type:
-    """The class map's dtype: uint8 up to 256 classes, else int32."""
-    return np.uint8 if classes <= 256 else np.int32
+    """The class map's numpy dtype: uint8 up to 256 classes, else int32."""
+    return np.dtype(class_dtype_name(classes)).type
 
 
 def argmax_classes(logits: np.ndarray, dtype) -> np.ndarray:
