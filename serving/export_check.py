@@ -6,6 +6,9 @@ and ``model.onnx``, and raises `ConvertError` (or the manifest's `ManifestError`
 the field and what was expected for what serving needs beyond that: tasks whose outputs or channels
 the tensor spec contradicts, label lists of the wrong length, an ONNX file that does not parse or
 does not pass ``onnx.checker``, a graph whose inputs and outputs differ from the tensor spec.
+Both kinds of graph are accepted: a raw graph (one output per task, its head's) and a final graph
+(the manifest's ``graph`` section: a uint8 ``[N, H, W, 3]`` or float32 ``[N, 3, H, W]`` image input,
+and every field of every task's answer as outputs, each of which the section must describe).
 
 The manifest's ``onnx_sha256`` (hex SHA-256 of ``model.onnx``, written by ``training.export``) ties
 the graph to the manifest that describes it: a ``model.onnx`` replaced after the export (a failed
@@ -24,7 +27,7 @@ from parsimony.errors import SpecError
 from parsimony.layout import export_files
 from parsimony.manifest import Manifest, TaskSection, sha256_file
 from parsimony.spec import INPUT_NAME, ModelIOSpec
-from parsimony.tasks import kind
+from parsimony.tasks import RAW, kind
 from serving import repository as repo_layout
 
 log = logging.getLogger("serving")
@@ -60,20 +63,36 @@ def load_export(run_dir: Path) -> ExportedModel:
         )
     manifest = Manifest.load(manifest_path)  # refuses missing keys, wrong types and unknown kinds, naming the field
     spec = _check_spec(manifest, manifest_path)
-    _check_tasks(manifest.tasks, spec, manifest_path)
+    if manifest.final:
+        _check_final_tasks(manifest, spec, manifest_path)
+    else:
+        _check_tasks(manifest.tasks, spec, manifest_path)
     digest = _check_digest(onnx_path, manifest.onnx_sha256, manifest_path)
     _check_graph(onnx_path, spec, manifest_path)
     return ExportedModel(run_dir, onnx_path, manifest, spec, digest)
 
 
 def label_files(manifest: Manifest) -> dict[str, tuple[str, str]]:
-    """``{output: (file name, text)}``: the channel names of every task whose kind names them
-    (class names, attribute names)."""
+    """``{output: (file name, text)}``: the channel names of every task whose kind names them (class
+    names, attribute names), for each output with a channel axis: a raw graph's task output; a
+    final graph's probability maps, attribute probabilities and raw outputs (one file per task)."""
     files = {}
     for task in manifest.task_infos:
         if task.labels:
-            files[task.output_name] = (repo_layout.label_file(task.output_name), "".join(f"{n}\n" for n in task.labels))
+            labels = (repo_layout.label_file(task.name if manifest.final else task.output_name),
+                      "".join(f"{n}\n" for n in task.labels))
+            for output in _channel_outputs(manifest, task):
+                files[output] = labels
     return files
+
+
+def _channel_outputs(manifest: Manifest, task) -> list[str]:
+    """The outputs of ``task`` that have one entry per channel (the per-image shape starts with it)."""
+    if not manifest.final:
+        return [task.output_name]
+    size = manifest.image_size
+    return [t.name for t in manifest.graph.tensors if t.task == task.name
+            and (t.field == RAW or len(task.owner.field_shape(task, t.field, size)) != 2)]
 
 
 def _check_spec(manifest: Manifest, path: Path) -> ModelIOSpec:
@@ -82,12 +101,65 @@ def _check_spec(manifest: Manifest, path: Path) -> ModelIOSpec:
     except SpecError as exc:
         raise ConvertError(f"{path}: field 'io_spec' is not a valid tensor spec ({exc}); {_REEXPORT}") from None
     image = spec.inputs[0]
-    if spec.input_names != (INPUT_NAME,) or len(image.shape) != 4 or min(image.shape[1:]) < 1:
+    uint8 = manifest.final and manifest.graph.input_dtype == "uint8"
+    want = "uint8 [-1, H, W, C] (a final graph's pixels)" if uint8 else "float32 [-1, C, H, W]"
+    if spec.input_names != (INPUT_NAME,) or len(image.shape) != 4 or min(image.shape[1:]) < 1 \
+            or image.dtype != ("uint8" if uint8 else "float32"):
         raise ConvertError(
-            f"{path}: field 'io_spec.inputs' must hold one tensor {INPUT_NAME!r} of shape [-1, C, H, W] with "
-            f"positive C, H, W, got {[t.to_dict() for t in spec.inputs]}; {_REEXPORT}"
+            f"{path}: field 'io_spec.inputs' must hold one tensor {INPUT_NAME!r}, {want} with positive sizes, got "
+            f"{[t.to_dict() for t in spec.inputs]}; {_REEXPORT}"
         )
     return spec
+
+
+def _check_final_tasks(manifest: Manifest, spec: ModelIOSpec, path: Path) -> None:
+    """A final graph: the graph section describes every output once, with the shape and dtype its
+    task's kind gives the field, and offers every field of every task in every dtype it is offered in."""
+    outputs = {t.name: t for t in spec.outputs}
+    tasks = {t.name: t for t in manifest.task_infos}
+    described = {}
+    for i, tensor in enumerate(manifest.graph.tensors):
+        where = f"{path}: field 'graph.tensors.{i}'"
+        task = tasks[tensor.task]  # the manifest checked that it names a task and an output
+        if tensor.name in described:
+            raise ConvertError(f"{where}: output {tensor.name!r} is described twice; {_REEXPORT}")
+        described[tensor.name] = tensor
+        want = _expected_output(task, tensor.field, tensor.dtype, manifest.image_size)
+        if want is None:
+            raise ConvertError(f"{where}: a {task.kind} answer has no field {tensor.field!r} in {tensor.dtype} (its "
+                               f"fields: {list(task.owner.field_names)}); {_REEXPORT}")
+        got = (outputs[tensor.name].dtype, outputs[tensor.name].shape)
+        if got != want:
+            raise ConvertError(f"{where}: io_spec gives output {tensor.name!r} dtype and shape {got}, but the "
+                               f"{tensor.field} of a {task.kind} task with {task.channels} channel(s) is {want}; "
+                               f"{_REEXPORT}")
+    if set(outputs) - set(described):
+        raise ConvertError(f"{path}: field 'graph.tensors': no entry describes the outputs "
+                           f"{sorted(set(outputs) - set(described))} of io_spec; {_REEXPORT}")
+    for i, task in enumerate(manifest.tasks):
+        _check_labels(task, path, i)
+        info = tasks[task.name]
+        for field in info.owner.field_names:
+            for dtype in info.owner.field_dtypes(info, field):
+                if manifest.output_tensor(task.name, field, dtype) is None:
+                    raise ConvertError(f"{path}: field 'graph.tensors': task {task.name!r} has no output for its "
+                                       f"{field} in {dtype}; {_REEXPORT}")
+
+
+def _expected_output(task, field: str, dtype: str, size: tuple[int, int]) -> tuple[str, tuple[int, ...]] | None:
+    """(dtype, shape) of ``task``'s ``field`` as its kind says a final graph holds it; None if it has no such field."""
+    for out in task.owner.graph_outputs(task, size):
+        if (out.field, out.dtype) == (field, dtype):
+            return out.dtype, out.shape
+    return None
+
+
+def _check_labels(task: TaskSection, path: Path, i: int) -> None:
+    names_field = kind(task.kind).labels_key
+    names = getattr(task, names_field) if names_field else None
+    if names_field and len(names) != task.channels:
+        raise ConvertError(f"{path}: field 'tasks.{i}.{names_field}': a {task.kind} task needs a list of "
+                           f"{task.channels} names (one per channel), got {names!r:.80}; {_REEXPORT}")
 
 
 def _check_tasks(tasks: list[TaskSection], spec: ModelIOSpec, path: Path) -> None:
@@ -108,11 +180,7 @@ def _check_tasks(tasks: list[TaskSection], spec: ModelIOSpec, path: Path) -> Non
         if len(shape) < 2 or shape[1] != channels:
             raise ConvertError(f"{where}.channels': {channels}, but io_spec gives output {output!r} the shape "
                                f"{list(shape)}; {_REEXPORT}")
-        names_field = kind(task.kind).labels_key
-        names = getattr(task, names_field) if names_field else None
-        if names_field and len(names) != channels:
-            raise ConvertError(f"{where}.{names_field}': a {task.kind} task needs a list of {channels} names "
-                               f"(one per channel), got {names!r:.80}; {_REEXPORT}")
+        _check_labels(task, path, i)
     if set(outputs) - seen:
         raise ConvertError(f"{path}: field 'tasks': no task describes the outputs {sorted(set(outputs) - seen)} of "
                            f"io_spec (one task per output); {_REEXPORT}")

@@ -25,7 +25,9 @@ from PIL import Image
 
 from parsimony.layout import export_files
 from parsimony.manifest import Manifest, sha256_file
-from parsimony.tasks import TaskSpec, kind, model_io_spec
+from parsimony.spec import DTYPES
+from parsimony.tasks import RAW, TaskSpec, final_io_spec, kind, model_io_spec
+from parsimony.tasks.edges import EDGE
 from parsimony.wire import from_wire
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.proto.parsimony.v1 import gateway_pb2_grpc as pb_grpc
@@ -87,41 +89,106 @@ def answers(response: pb.PredictResponse) -> dict[str, dict[str, np.ndarray | di
 
 
 def hand_built_export(folder: Path, tasks: tuple[TaskSpec, ...], size: tuple[int, int] = (32, 48),
-                      seed: int = 0) -> Path:
-    """``model.onnx`` and ``manifest.json`` of a model with dense ``tasks``, built by hand: each task's
-    output is a 1x1 convolution of the image with random weights (so every output depends on its
-    image, with both signs), named and shaped by the contract's tensor spec, described by a manifest
-    from the kinds' own sections. Serves any kind end to end before a trained model of it exists."""
+                      seed: int = 0, *, final: bool = False, input_dtype: str = "uint8") -> Path:
+    """``model.onnx`` and ``manifest.json`` of a model with ``tasks``, built by hand: each dense task's
+    head is a 1x1 convolution of the image with random weights (so every output depends on its image,
+    with both signs), an attributes head the same of the image's mean colour; named and shaped by the
+    contract's tensor spec, described by a manifest from the kinds' own sections. Serves any kind end
+    to end before a trained model of it exists.
+
+    ``final``: a final graph (`parsimony.tasks.final_io_spec`): the image input in ``input_dtype``
+    (uint8 ``[N, H, W, 3]`` pixels, converted to [0, 1] inside, or float32 ``[N, 3, H, W]``) and every
+    field of every task's answer in every dtype it is offered in, computed in the graph as the kinds'
+    reference post-processing does, plus the raw head outputs (``TASK_raw``); the manifest's ``graph``
+    section says which output holds what. Otherwise a raw graph, as every export before final graphs."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    spec = model_io_spec(tasks, size)
+    if final:
+        spec, graph_outputs = final_io_spec(tasks, size, input_dtype=input_dtype)
+    else:
+        spec, graph_outputs = model_io_spec(tasks, size), ()
     rng = np.random.default_rng(seed)
     nodes, weights = [], []
+    pixels = "image"
+    if final and input_dtype == "uint8":  # uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [0, 1]
+        weights.append(numpy_helper.from_array(np.array(255, np.float32), "scale"))
+        nodes += [helper.make_node("Cast", ["image"], ["image_f"], to=TensorProto.FLOAT),
+                  helper.make_node("Div", ["image_f", "scale"], ["image_unit"]),
+                  helper.make_node("Transpose", ["image_unit"], ["pixels"], perm=[0, 3, 1, 2])]
+        pixels = "pixels"
     for task in tasks:
         w = rng.standard_normal((task.channels, 3, 1, 1)).astype(np.float32) * 4
         b = rng.standard_normal(task.channels).astype(np.float32) - 2 * w.sum(axis=(1, 2, 3)) / 4
         weights += [numpy_helper.from_array(w, f"{task.name}_w"), numpy_helper.from_array(b, f"{task.name}_b")]
-        nodes.append(helper.make_node("Conv", ["image", f"{task.name}_w", f"{task.name}_b"], [task.name]))
+        head = f"{task.name}_logits" if final else task.name
+        if kind(task.kind).dense:
+            nodes.append(helper.make_node("Conv", [pixels, f"{task.name}_w", f"{task.name}_b"], [head]))
+        else:  # [N, A] from the mean colour
+            nodes += [helper.make_node("GlobalAveragePool", [pixels], [f"{task.name}_mean"]),
+                      helper.make_node("Conv", [f"{task.name}_mean", f"{task.name}_w", f"{task.name}_b"],
+                                       [f"{task.name}_head"]),
+                      helper.make_node("Flatten", [f"{task.name}_head"], [head], axis=1)]
+    if final:
+        weights += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("zero", 0), ("edge", EDGE))]
+        weights.append(numpy_helper.from_array(np.array([1], np.int64), "channel_axis"))
+        fields = {}
+        for task in tasks:
+            fields.update(_final_fields(helper, task, f"{task.name}_logits", nodes))
+        for out in graph_outputs:
+            source = f"{out.task}_logits" if out.field == RAW else fields[(out.task, out.field)]
+            nodes.append(helper.make_node("Cast", [source], [out.name], to=DTYPES[out.dtype].onnx))
 
     def value(tensor):
-        return helper.make_tensor_value_info(tensor.name, TensorProto.FLOAT,
+        return helper.make_tensor_value_info(tensor.name, tensor.element_type.onnx,
                                              ["batch" if d == -1 else d for d in tensor.shape])
 
     graph = helper.make_graph(nodes, "hand_built", [value(t) for t in spec.inputs], [value(t) for t in spec.outputs],
                               initializer=weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path, manifest_path = export_files(folder)
     onnx.save(model, onnx_path)
     spec.check_against_onnx(onnx_path)
-    Manifest.parse({
+    manifest = {
         "format_version": 1, "model_name": "hand-built", "onnx_sha256": sha256_file(onnx_path),
         "input": {"size": list(size)}, "io_spec": spec.to_dict(), "model_config": {}, "export": {},
         "tasks": [kind(t.kind).manifest_section(t.info()) for t in tasks],
         "complexity": {"parameters": sum(numpy_helper.to_array(w).size for w in weights), "macs": 0},
-    }).write(manifest_path)
+    }
+    if final:
+        manifest["input"] |= {"dtype": input_dtype, "layout": "NHWC" if input_dtype == "uint8" else "NCHW",
+                              "value_range": [0.0, 255.0] if input_dtype == "uint8" else [0.0, 1.0]}
+        manifest["graph"] = {"outputs": "final", "input_dtype": input_dtype, "tensors": [
+            {"task": o.task, "field": o.field, "dtype": o.dtype, "name": o.name} for o in graph_outputs]}
+    Manifest.parse(manifest).write(manifest_path)
     return folder
+
+
+def _final_fields(helper, task: TaskSpec, raw: str, nodes: list) -> dict[tuple[str, str], str]:
+    """The nodes computing ``task``'s answer from its head output ``raw`` as its kind's reference
+    post-processing does (float32, or int64 class indices); ``{(task, field): tensor}``."""
+    t = task.name
+
+    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [f"{t}_{name}"], **attrs))
+        return f"{t}_{name}"
+
+    if task.kind == "segmentation":
+        return {(t, "class_map"): node("ArgMax", [raw], "argmax", axis=1, keepdims=0),
+                (t, "probabilities"): node("Softmax", [raw], "softmax", axis=1)}
+    if task.kind == "depth":
+        return {(t, "depth"): node("Squeeze", [node("Relu", [raw], "relu"), "channel_axis"], "metres")}
+    if task.kind == "normal":
+        return {(t, "normal"): node("Div", [raw, node("ReduceL2", [raw], "length", axes=[1], keepdims=1)], "unit")}
+    if task.kind == "attributes":
+        return {(t, "probabilities"): node("Sigmoid", [raw], "sigmoid")}
+    if task.kind == "edges":
+        edge = node("Where", [node("GreaterOrEqual", [raw, "zero"], "is_edge"), "edge", "zero"], "edge_where")
+        return {(t, "edge_map"): node("Squeeze", [edge, "channel_axis"], "edge_map"),
+                (t, "probabilities"): node("Squeeze", [node("Sigmoid", [raw], "sigmoid"), "channel_axis"], "prob")}
+    raise ValueError(f"hand_built_export knows no final outputs of kind {task.kind!r}")
 
 
 @register_backend("slow-onnxruntime")

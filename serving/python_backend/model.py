@@ -13,7 +13,11 @@ config entry, any other an integer ``SessionOptions`` attribute. The version fol
 self-contained: the stub cannot import this project. The python backend hands ``execute`` every request the
 dynamic batcher gathered, one by one: they are concatenated along the batch dimension, run in one
 ONNX Runtime call, and split back, so batching buys throughput here as it does in the ONNX Runtime
-backend. A failing batch answers each of its requests with the error instead of killing the stub.
+backend. Only the outputs the batch's requests ask for are computed (their union: ONNX Runtime runs
+just the nodes those need), and each response carries the ones its request asked for; a request
+that names none gets every output, as Triton's own backends answer it. Inputs and outputs keep the
+dtypes of the config (uint8 pixels in, uint8 class maps and float16 maps out, as the graph has
+them). A failing batch answers each of its requests with the error instead of killing the stub.
 """
 
 import json
@@ -55,19 +59,23 @@ class TritonPythonModel:
     def execute(self, requests):
         try:
             feeds, sizes = self._gather(requests)
-            results = self.session.run(self.outputs, feeds)
+            wanted = [self._requested(r) for r in requests]
+            names = [n for n in self.outputs if any(n in w for w in wanted)]
+            results = dict(zip(names, self.session.run(names, feeds), strict=True))
         except Exception as exc:  # one bad request must not take down the others' stub
             error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
         responses, start = [], 0
-        for size in sizes:
-            tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(value[start : start + size]))
-                for name, value in zip(self.outputs, results, strict=True)
-            ]
+        for size, names in zip(sizes, wanted, strict=True):
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(results[name][start : start + size]))
+                       for name in self.outputs if name in names]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
+
+    def _requested(self, request):
+        names = set(request.requested_output_names())
+        return names or set(self.outputs)
 
     def _gather(self, requests):
         feeds, sizes = {}, None

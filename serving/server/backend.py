@@ -7,8 +7,9 @@ What a backend must provide:
 
 - ``metadata``: the model as its manifest describes it (`ModelMetadata`), never read from the graph;
 - ``await load()``: make the model runnable and warm it up; afterwards ``ready`` is True;
-- ``await infer(batch, outputs, deadline)``: ``batch`` is float32 ``[N, C, H, W]`` RGB in [0, 1],
-  ``outputs`` the output tensor names wanted, ``deadline`` the latest of the batch's request
+- ``await infer(batch, outputs, deadline)``: ``batch`` holds the images as the graph takes them
+  (``metadata.input_dtype``: uint8 ``[N, H, W, C]`` pixels, or float32 ``[N, C, H, W]`` RGB in [0, 1]),
+  ``outputs`` the output tensor names wanted (only those are computed and moved), ``deadline`` the latest of the batch's request
   deadlines (a ``time.perf_counter()`` value, None for none); returns ``{name: array [N, ...]}`` for
   exactly those names (a remote server may answer in any order: outputs are always addressed by name);
 - ``ready`` and ``not_ready_reason``: whether requests can run now (a remote server can go away and
@@ -41,6 +42,7 @@ from serving.server.errors import ModelLoadError
 from serving.server.metadata import ModelMetadata
 
 log = logging.getLogger("serving.server")
+ORT_TYPES = {"uint8": "uint8", "float32": "float"}  # ONNX Runtime's names of the image input's element types
 
 
 class Backend(abc.ABC):
@@ -136,8 +138,7 @@ class OnnxRuntimeBackend(Backend):
         self._session = await loop.run_in_executor(self._executor, self._create_session)
         started = time.perf_counter()
         for batch in self.warmup_batch_sizes:
-            await self.infer(np.zeros((batch, *self.metadata.input_shape), np.float32),
-                             self.metadata.io_spec.output_names)
+            await self.infer(self.metadata.blank_batch(batch), self.metadata.io_spec.output_names)
         log.info("loaded %s version %d with ONNX Runtime (%s threads), warmed up in %.2f s",
                  self.metadata.name, self.metadata.version, self.threads or "default",
                  time.perf_counter() - started)
@@ -151,12 +152,13 @@ class OnnxRuntimeBackend(Backend):
         return session
 
     def _check_graph(self, session) -> None:
-        inputs = [i.name for i in session.get_inputs()]
+        inputs = [(i.name, i.type) for i in session.get_inputs()]
         outputs = {o.name for o in session.get_outputs()}
         missing = [n for n in self.metadata.io_spec.output_names if n not in outputs]
-        if inputs != [INPUT_NAME] or missing:
+        want = [(INPUT_NAME, f"tensor({ORT_TYPES[self.metadata.input_dtype]})")]
+        if inputs != want or missing:
             raise ModelLoadError(
-                f"{self.path} does not match its manifest: graph inputs {inputs} (want [{INPUT_NAME!r}]), "
+                f"{self.path} does not match its manifest: graph inputs {inputs} (want {want}), "
                 f"outputs missing from the graph {missing}; the version folder mixes two exports, re-convert it"
             )
 

@@ -1,8 +1,9 @@
 """Dynamic batching: concurrent requests for one model share forward passes.
 
 Requests wait in a bounded queue; a worker takes up to ``max_batch`` of them, stacks their images
-and runs one forward pass for all (with the union of the outputs they asked for), then hands each
-request its own slice. Why this shape:
+(as the graph takes them: uint8 pixels or float32) and runs one forward pass for all, asking the
+backend for the union of the outputs they asked for and nothing else, then hands each request its
+own slice of the outputs it asked for. Why this shape:
 
 - **No waiting when idle.** With ``max_delay`` 0 (the default) a request that finds the worker idle
   runs at once, alone; requests arriving while a batch runs queue up and form the next batch. So
@@ -34,7 +35,7 @@ from serving.server.errors import DeadlineExceeded, QueueFull, ShuttingDown, as_
 
 @dataclass(slots=True)
 class _Item:
-    image: np.ndarray  # [C, H, W] float32
+    image: np.ndarray  # one image as the graph takes it (metadata.input_shape, input_dtype)
     outputs: tuple[str, ...]
     future: asyncio.Future
     enqueued: float  # time.perf_counter()
@@ -84,7 +85,8 @@ class DynamicBatcher:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.backend.metadata.name}")
 
     async def submit(self, image: np.ndarray, outputs: Sequence[str], deadline: float | None = None) -> BatchResult:
-        """Queue one ``[C, H, W]`` image; returns when its batch has run (or raises a `GatewayError`)."""
+        """Queue one image (as the graph takes it) for the ``outputs`` it needs; returns when its batch
+        has run (or raises a `GatewayError`)."""
         if self._closing:
             raise ShuttingDown("the model is being unloaded; retry, the next request goes to its successor")
         if len(self._queue) >= self.max_queue:

@@ -7,15 +7,23 @@ the geometry of every dense output), so the size is checked from the image heade
 pixel is decoded, as is the pixel limit.
 
 Inputs: PNG or JPEG bytes, or a raw tensor, either ``uint8 [H, W, 3]`` (HWC, as image decoders
-return it) or ``float32 [3, H, W]`` (CHW, RGB in [0, 1], what the graph takes; NaN, infinities and
-values outside [0, 1] are refused, naming the first such element). Images that are not 8-bit RGB are
+return it) or ``float32 [3, H, W]`` (CHW, RGB in [0, 1]; NaN, infinities and values outside
+[0, 1] are refused, naming the first such element). Images that are not 8-bit RGB are
 converted as Pillow converts them: palette, black-and-white, grayscale and their alpha variants and
 RGBA become RGB (alpha dropped, not blended), 16-bit grayscale keeps its high byte (as Pillow reads
 16-bit RGB); CMYK JPEGs are refused, since converting them without their colour profile changes
 their colours.
-Outputs: each task's kind (`parsimony.tasks`) turns its raw output into the fields of its answer
-(a class map, metres, an edge map, ``{name: probability}``...; probability maps only on request),
-float maps in float32 or float16, as requested. The codec knows no kind by name.
+What the model gets (`model_input`, `tensor_input`): a graph with a ``uint8 [N, H, W, 3]`` input
+gets decoded pixels and uint8 tensors as they are (no conversion here: the graph converts and
+normalises), and float32 tensors quantised to 8 bits, ``round(x * 255)`` (exact for images that came
+from 8-bit pixels, which is what the model was trained on; a model exported with ``--float-input``
+takes float images exactly). A graph with a ``float32 [N, 3, H, W]`` input gets float32 tensors as
+they are and 8-bit pixels as ``x / 255``.
+Outputs: a final graph's outputs are each task's answer already (`final_result` only turns an
+attribute vector into its ``{name: probability}`` map, values untouched); a raw graph's outputs go
+through each task's kind (`parsimony.tasks`, `postprocess`), which turns them into the fields of
+its answer (a class map, metres, an edge map, ``{name: probability}``...; probability maps only on
+request), float maps in float32 or float16, as requested. The codec knows no kind by name.
 """
 
 from __future__ import annotations
@@ -124,7 +132,7 @@ def check_size(height: int, width: int, channels: int, meta: ModelMetadata, max_
 
 
 def tensor_input(tensor: RawTensor, meta: ModelMetadata, max_pixels: int) -> np.ndarray:
-    """A raw ``uint8 [H, W, 3]`` or ``float32 [3, H, W]`` tensor -> the model's ``float32 [3, H, W]``."""
+    """A raw ``uint8 [H, W, 3]`` or ``float32 [3, H, W]`` tensor -> one image as the model takes it."""
     shape = tuple(int(d) for d in tensor.shape)
     if tensor.dtype not in INPUT_DTYPES or len(shape) != 3:
         raise InvalidInput(
@@ -143,9 +151,22 @@ def tensor_input(tensor: RawTensor, meta: ModelMetadata, max_pixels: int) -> np.
         )
     array = np.frombuffer(tensor.data, dtype).reshape(shape)
     if hwc:
-        return preprocess(array)
+        return model_input(array, meta)
     check_unit_range(array)
-    return array
+    return quantise(array) if meta.input_dtype == "uint8" else array
+
+
+def model_input(hwc: np.ndarray, meta: ModelMetadata) -> np.ndarray:
+    """Decoded ``uint8 [H, W, 3]`` pixels as the model takes them: as they are for a uint8 input,
+    through `preprocess` for a float32 one."""
+    return hwc if meta.input_dtype == "uint8" else preprocess(hwc)
+
+
+def quantise(chw: np.ndarray) -> np.ndarray:
+    """``float32 [3, H, W]`` in [0, 1] -> ``uint8 [H, W, 3]``, ``round(x * 255)`` (half to even): the
+    inverse of `preprocess` for every image that came from 8-bit pixels."""
+    scaled = np.multiply(chw.transpose(1, 2, 0), np.float32(255))
+    return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
 def check_unit_range(chw: np.ndarray) -> None:
@@ -195,3 +216,17 @@ def output_dtype(name: str) -> np.dtype:
 def postprocess(task: TaskInfo, raw: np.ndarray, dtype: np.dtype, probabilities: bool) -> TaskResult:
     """One image's raw output of ``task`` (no batch dimension) -> its answer, as its kind computes it."""
     return TaskResult(task.kind, task.owner.postprocess(task, raw, dtype, probabilities))
+
+
+def final_result(task: TaskInfo, fields: dict[str, np.ndarray]) -> TaskResult:
+    """One image's outputs of a final graph for ``task`` (``{field: array}``, no batch dimension) -> its
+    answer: tensors as they are, a map field's vector as ``{name: value}`` (the same float32 values)."""
+    owner = task.owner
+    out: dict[str, FieldValue] = {}
+    for name, value in fields.items():
+        if owner.field(name).what == "map":
+            labels = task.labels or tuple(str(i) for i in range(value.shape[0]))
+            out[name] = dict(zip(labels, value.tolist(), strict=True))
+        else:
+            out[name] = value
+    return TaskResult(task.kind, out)

@@ -6,6 +6,11 @@ behave identically on both protocols lives here: stage timing (`predict` times d
 preprocess, queue, inference, postprocess and total into the stage histograms), status counting
 and the in-flight gauge (`Gateway.track`, entered around the whole handler so that errors raised
 while parsing a request are counted too), and the mapping of stray exceptions to INTERNAL.
+
+A prediction asks the backend only for the tensors its tasks need (`ModelMetadata.outputs_for`): from
+a final graph the requested tasks' answers, in the requested dtype, probability maps only when asked
+for, passed through to the response untouched; from a raw graph the tasks' head outputs, which their
+kinds post-process here.
 """
 
 from __future__ import annotations
@@ -138,7 +143,7 @@ class Gateway:
         if call.encoded is not None:
             image = codec.decode_image(call.encoded, meta, self.limits.max_image_pixels)
             decoded = time.perf_counter()
-            x = codec.preprocess(image)
+            x = codec.model_input(image, meta)
         elif call.tensor is not None:
             decoded = started
             x = codec.tensor_input(call.tensor, meta, self.limits.max_image_pixels)
@@ -147,9 +152,15 @@ class Gateway:
         preprocessed = time.perf_counter()
         if call.deadline is not None and call.deadline <= preprocessed:
             raise DeadlineExceeded("the request's deadline passed before it reached the model queue")
-        result = await model.batcher.submit(x, [t.output_name for t in tasks], call.deadline)
-        outputs = {t.name: codec.postprocess(t, result.outputs[t.output_name], dtype, call.probabilities)
-                   for t in tasks}
+        wanted = [meta.outputs_for(t, call.output_dtype, call.probabilities) for t in tasks]
+        result = await model.batcher.submit(x, [name for fields in wanted for _, name in fields], call.deadline)
+        got = result.outputs
+        if meta.final:  # the graph's answers, passed through
+            outputs = {t.name: codec.final_result(t, {field: got[name] for field, name in fields})
+                       for t, fields in zip(tasks, wanted, strict=True)}
+        else:
+            outputs = {t.name: codec.postprocess(t, got[fields[0][1]], dtype, call.probabilities)
+                       for t, fields in zip(tasks, wanted, strict=True)}
         done = time.perf_counter()
         queue, inference = result.queue_s, result.inference_s
         timings = Timings(decoded - started, preprocessed - decoded, queue, inference,

@@ -1,13 +1,14 @@
 """The gateway in front of a Triton Inference Server: `TritonBackend` (``--backend triton``).
 
 The gateway keeps everything around the forward pass (decoding, validation, dynamic batching,
-post-processing, metrics) and sends each preprocessed batch to Triton with tritonclient's async
-gRPC API; Triton runs it on its own instances (TensorRT on a GPU in production, the converter's
+metrics, and for raw graphs the post-processing) and sends each batch to Triton with tritonclient's
+async gRPC API (uint8 pixels for a final graph, whose outputs are the answers already); Triton runs it on its own instances (TensorRT on a GPU in production, the converter's
 ONNX or python-backend models elsewhere). Both read the same model repository: the gateway reads
 each version's ``manifest.json`` (tasks, class names, input size), Triton the model files.
 
-- **Outputs by name.** Every request names the outputs it wants and reads them back by name, so
-  Triton may answer in any order and a model with extra outputs is still served.
+- **Outputs by name.** Every request names the outputs it wants (`InferRequestedOutput`: only those
+  the batch's calls need, so Triton computes and sends nothing else) and reads them back by name,
+  so Triton may answer in any order and a model with extra outputs is still served.
 - **Versions.** `load` waits until Triton reports *this* version ready (Triton loads a new version
   on its own, from its repository poll or an explicit load; the gateway only ever follows, so it
   swaps to version N+1 once Triton serves it). Requests do not pin a version: with the converter's
@@ -39,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput, aio
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from parsimony.spec import INPUT_NAME
 from serving.server.backend import Backend, register_backend
@@ -71,6 +73,7 @@ class TritonBackend(Backend):
         self.retry_backoff_s = retry_backoff_s
         self.call_timeout_s = call_timeout_s
         self.warmup_batch_sizes = warmup_batch_sizes
+        self._input_type = np_to_triton_dtype(np.dtype(metadata.input_dtype))  # UINT8 or FP32
         self._client = None
         self._loaded = False
         self._healthy = False
@@ -102,8 +105,7 @@ class TritonBackend(Backend):
         self._healthy = True
         for batch in self.warmup_batch_sizes:
             if batch <= self.max_batch_size:
-                await self.infer(np.zeros((batch, *self.metadata.input_shape), np.float32),
-                                 self.metadata.io_spec.output_names)
+                await self.infer(self.metadata.blank_batch(batch), self.metadata.io_spec.output_names)
         self._loaded = True
         self._monitor = asyncio.get_running_loop().create_task(self._watch_health(), name=f"triton-health-{self.name}")
         log.info("model %s version %d: served by Triton at %s (max batch %d, %d batches in flight), ready in %.2f s",
@@ -130,14 +132,15 @@ class TritonBackend(Backend):
     async def _check_config(self) -> None:
         """Triton's config must have the manifest's input and every output; its max batch caps ours."""
         config = (await self._client.get_model_config(self.name, client_timeout=self.call_timeout_s)).config
-        inputs = [i.name for i in config.input]
+        inputs = [(i.name, mc.DataType.Name(i.data_type)) for i in config.input]
         outputs = {o.name for o in config.output}
         missing = [n for n in self.metadata.io_spec.output_names if n not in outputs]
-        if inputs != [INPUT_NAME] or missing:
+        want = [(INPUT_NAME, f"TYPE_{self._input_type}")]
+        if inputs != want or missing:
             await self.close()
             raise ModelLoadError(
                 f"Triton's model {self.name!r} does not match the repository manifest of version "
-                f"{self.metadata.version}: inputs {inputs} (want [{INPUT_NAME!r}]), outputs missing {missing}; "
+                f"{self.metadata.version}: inputs {inputs} (want {want}), outputs missing {missing}; "
                 f"Triton serves another repository or an older conversion")
         if config.max_batch_size < 1:
             self.max_batch_size = 1
@@ -184,8 +187,8 @@ class TritonBackend(Backend):
     async def infer(self, batch: np.ndarray, outputs: Sequence[str],
                     deadline: float | None = None) -> dict[str, np.ndarray]:
         names = list(outputs)
-        tensor = InferInput(INPUT_NAME, list(batch.shape), "FP32")
-        tensor.set_data_from_numpy(np.ascontiguousarray(batch, np.float32))
+        tensor = InferInput(INPUT_NAME, list(batch.shape), self._input_type)
+        tensor.set_data_from_numpy(np.ascontiguousarray(batch))
         wanted = [InferRequestedOutput(n) for n in names]
         attempt = 0
         while True:
