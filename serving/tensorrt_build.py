@@ -11,7 +11,8 @@ the Kubernetes engine-builder Job, the settings) is plain Python and tested here
 
 The build: explicit batch (the only mode of TensorRT 10; the flag is set where it still exists),
 one optimisation profile over batch 1..max at the spec's fixed image size (optimised for the
-maximum, the size the dynamic batcher aims for), FP16 when asked and the GPU has fast FP16, TF32
+maximum, the size the dynamic batcher aims for; ``image:Bx3xHxW`` for a raw graph's float input,
+``image:BxHxWx3`` for a final graph's uint8 pixels), FP16 when asked and the GPU has fast FP16, TF32
 unless disabled, and a timing cache that is read before and written after, so rebuilding on the
 same GPU skips most kernel timing (a cache TensorRT rejects, made on another GPU or version, is
 reported, left as it is, and the build runs without it).

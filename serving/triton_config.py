@@ -18,7 +18,11 @@ What the generated config holds, and why:
   does not pay for lazy initialisation (ONNX Runtime arenas, TensorRT engine builds);
 - a version policy serving only the latest version (old versions stay on disk for roll-back until
   ``--keep`` prunes them);
-- ``label_filename`` for segmentation classes and attribute names (files next to the config);
+- the inputs' and outputs' Triton types as the spec has them: a final graph's ``TYPE_UINT8``
+  ``[H, W, 3]`` image, its UINT8 / INT32 class and edge maps, FP32 answers and their FP16 copies;
+- ``label_filename`` (files next to the config, from `serving.export_check.label_files`) on every
+  output with one channel per class or attribute: a final graph's probability maps, attribute
+  probabilities and raw logits, a raw graph's segmentation and attribute outputs;
 - for ``onnx`` optionally the ONNX Runtime backend's TensorRT execution accelerator
   (``precision_mode`` FP16 with ``--fp16``);
 - for ``python`` the graph's file name and the ONNX Runtime session settings (the same as every other

@@ -36,6 +36,10 @@ from serving.server.config import ServerConfig
 from serving.server.lifecycle import GatewayServer
 
 RUN_FILES = ("model.onnx", "manifest.json")
+EVERY_KIND = (  # one task of each kind, named by its kind, for hand-built models
+    TaskSpec("segmentation", "segmentation", 4, ("floor", "wall", "bed", "sky")), TaskSpec("depth", "depth", 1),
+    TaskSpec("normal", "normal", 3), TaskSpec("attributes", "attributes", 2, ("Male", "Smiling")),
+    TaskSpec("edges", "edges", 1))
 
 
 def publish_version(repo: Path, name: str, run_dir: Path, version: int, *, corrupt: bool = False) -> Path:

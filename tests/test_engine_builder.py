@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 from deploy_support import BASE, DOCKER, ENGINE_BUILDER, OVERLAYS, ROOT, one, render
+from gateway_support import hand_built_export
 from packaging.requirements import Requirement
 
 from parsimony.manifest import load_manifest
+from parsimony.tasks import TaskSpec
 from serving import ngc_release, tensorrt_build
 from serving.convert import convert
 from serving.convert import main as convert_main
@@ -106,6 +108,23 @@ def test_a_failing_python3_stops_the_script_before_trtexec(exported_run, tmp_pat
     assert done.returncode != 0
     assert not (tmp_path / "args").exists(), "trtexec ran without shape flags"
     assert not (tmp_path / "work" / "model.plan").exists()
+
+
+def test_a_final_graphs_uint8_pixels_get_an_nhwc_profile(tmp_path):
+    """A final graph takes uint8 [N, H, W, 3]: the Job's flags, the plan builder's profile and the
+    accelerator's shapes all say image:Bx32x48x3."""
+    export = hand_built_export(tmp_path / "export", (TaskSpec("depth", "depth", 1),), (32, 48), final=True)
+    repo = tmp_path / "repo"
+    convert(export, repo, "scenes", ServingOptions(format="onnx", max_batch=4, tensorrt_accelerator=True))
+    done = _run_script(_script_env(tmp_path, repo))
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    shapes = ["--minShapes=image:1x32x48x3", "--optShapes=image:4x32x48x3", "--maxShapes=image:4x32x48x3"]
+    assert [a for a in args if "Shapes=" in a] == shapes
+    spec = load_manifest(export).tensor_spec
+    assert tensorrt_build.optimization_profile(spec, 4) == {"image": ((1, 32, 48, 3), (4, 32, 48, 3), (4, 32, 48, 3))}
+    params = parse_config((repo / "scenes" / "config.pbtxt").read_text()).optimization.execution_accelerators
+    assert params.gpu_execution_accelerator[0].parameters["trt_profile_max_shapes"] == "image:4x32x48x3"
 
 
 def test_job_installs_what_it_built_with_python3():

@@ -8,7 +8,9 @@
 #         then installs as the next version of the plan model).
 #         and $OUT/max_batch (the batch size the plan was built for, for the install step's --max-batch)
 # The optimisation profile covers batch 1..$MAX_BATCH at the exported image size, as
-# serving.tensorrt_build.trtexec_args does (tests/test_engine_builder.py checks that they agree).
+# serving.tensorrt_build.trtexec_args does (tests/test_engine_builder.py checks that they agree):
+# image:Bx3xHxW for a raw graph's float input, image:BxHxWx3 for a final graph's uint8 pixels (the
+# shapes are read from the manifest, so both layouts need nothing else here).
 # The flags are written here, not asked of that function: this runs in NVIDIA's own TensorRT image
 # (the plan must come from the TensorRT that Triton loads), which has python3 but not this project,
 # and a ConfigMap can carry only files of this folder. The newest version is found here for the same reason.
