@@ -65,6 +65,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=0, ge=0, description="steps between mid-epoch checkpoints; 0: epoch ends only")
     log_every: int = Field(default=20, ge=1)
     export: bool = Field(default=True, description="compact and export ONNX at the end of the run")
+    export_graph: Literal["final", "float-input", "raw"] = Field(
+        default="final", description="the exported graph: final (uint8 pixels in, each task's answer out), "
+        "float-input (the same on float32 [0, 1] images) or raw (float32 images in, head outputs out)")
 
 
 class SparsityConfig(_Strict):

@@ -115,35 +115,45 @@ def _write_sparsity(run: Run, finalized: int) -> dict:
 
 
 def package_run(run: Run) -> None:
-    """Compact the final model, export ONNX + manifest, and show size and speed against the dense
-    model (PyTorch eager and ONNX Runtime, batch 8)."""
+    """Compact the final model, export ONNX + manifest (the graph `TrainConfig.export_graph` names),
+    and show size and speed against the dense model (PyTorch eager and ONNX Runtime, batch 8). Speed
+    and a latency target are timed on raw graphs, the network alone, as the latency table is."""
+    import tempfile
+
     from training.compact import compact_run
     from training.compact import describe as describe_compaction
+    from training.compaction import load_compact
     from training.export.__main__ import describe as describe_export
     from training.export.__main__ import export_run
+    from training.sparsity.latency_table import export_temporary
 
     result = compact_run(run.run_dir)
     print(describe_compaction(result))
-    report, manifest = export_run(run.run_dir)
+    graph = run.config.train.export_graph
+    report, manifest = export_run(run.run_dir, raw_outputs=graph == "raw", float_input=graph == "float-input")
     print(describe_export(report, manifest))
-    print(speed_table(run, result.directory, report.path))
-    if (target := target_summary(run.ctx.regularizer)) is not None:
-        print(describe_target(write_target_check(run.run_dir, target, run.model, report.path, run.info.image_size,
-                                                 run.config.sparsity)))
+    with tempfile.TemporaryDirectory() as tmp:
+        network = (export_temporary(load_compact(result.directory), Path(tmp) / "compact.onnx", run.info.image_size)
+                   if report.final else report.path)
+        print(speed_table(run, result.directory, network))
+        if (target := target_summary(run.ctx.regularizer)) is not None:
+            print(describe_target(write_target_check(run.run_dir, target, run.model, network, run.info.image_size,
+                                                     run.config.sparsity)))
 
 
 def speed_table(run: Run, compact_dir: Path, compact_onnx: Path, batch: int = 8) -> str:
+    """PyTorch eager and ONNX Runtime latency, dense against compact; ``compact_onnx`` is a raw graph."""
     import tempfile
 
     from training.compaction import load_compact
-    from training.export.onnx_export import export_onnx
     from training.report import format_table
+    from training.sparsity.latency_table import export_temporary
     from training.speed import eager_ms, ort_ms
 
     size = run.info.image_size
     dense, small = run.model.eval().cpu(), load_compact(compact_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        dense_onnx = export_onnx(dense, Path(tmp) / "dense.onnx", image_size=size, check_batch_sizes=(1,)).path
+        dense_onnx = export_temporary(dense, Path(tmp) / "dense.onnx", size)
         rows = [("PyTorch eager", eager_ms(dense, size, batch), eager_ms(small, size, batch)),
                 ("ONNX Runtime", ort_ms(dense_onnx, size, batch), ort_ms(compact_onnx, size, batch))]
     macs = count_macs(dense, size) / count_macs(small, size)

@@ -51,9 +51,9 @@ FLAG_KEYS = {
     "schedule": "optim.schedule", "lam": "sparsity.lam", "sparsity_mode": "sparsity.mode",
     "groups": "sparsity.groups", "sparsity_warmup": "sparsity.warmup_epochs", "sparsity_cooldown": "sparsity.cooldown_epochs", "target": "sparsity.target", "target_batch": "sparsity.target_batch",
     "target_threads": "sparsity.target_threads", "group_weight": "sparsity.group_weight", "baseline": "baseline", "seed": "seed", "deterministic": "deterministic",
-    "device": "device", "amp": "amp", "out": "out", "export": "train.export",
+    "device": "device", "amp": "amp", "out": "out", "export": "train.export", "export_graph": "train.export_graph",
 }
-RESUME_FLAGS = {"epochs", "device", "num_workers", "export"}
+RESUME_FLAGS = {"epochs", "device", "num_workers", "export", "export_graph"}
 FINETUNE_FIXED = {"encoder", "head", "pretrained", "tasks", "dataset", "data_root", "image_size"}
 
 
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="run directory (default runs/latest)")
     g.add_argument("--export", action=argparse.BooleanOptionalAction, default=None,
                    help="compact and export ONNX + manifest at the end (default on)")
+    g.add_argument("--export-graph", choices=["final", "float-input", "raw"],
+                   help="the exported graph: final (default; uint8 pixels in, each task's answer out), "
+                        "float-input (the same on float32 images in [0, 1]) or raw (head outputs out)")
     return p
 
 
@@ -137,7 +140,7 @@ def resolve(args: argparse.Namespace) -> RunConfig:
         extra = sorted(f for f in FLAG_KEYS if getattr(args, f) is not None and f not in RESUME_FLAGS)
         if extra or args.config or args.set:
             raise ConfigError(f"--resume continues a run with its saved config; only --epochs, --device, "
-                              f"--num-workers and --export may change (got {extra or '--config/--set'})")
+                              f"--num-workers, --export and --export-graph may change (got {extra or '--config/--set'})")
         overrides["out"] = str(args.resume)
         return resolve_config(load_yaml(saved), overrides)
     if args.finetune:

@@ -1,5 +1,7 @@
 """Export: a self-checking ONNX export and the manifest written next to it (the tensor spec and
-the manifest format themselves are `parsimony.spec` and `parsimony.manifest`).
+the manifest format themselves are `parsimony.spec` and `parsimony.manifest`). The default graph
+is the final one (`final_graph`: uint8 pixels in, each task's answer out); ``raw_outputs=True``
+exports the raw graph (float32 images in, head outputs out).
 
 Typical use::
 
@@ -11,6 +13,8 @@ Typical use::
     manifest.write(out / MANIFEST_FILE)
 """
 
+from training.export.checks import FINAL_RTOL, FLIP_FRACTION, ExactCheck
+from training.export.final_graph import FinalOutputs, graph_spec
 from training.export.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -41,7 +45,8 @@ from training.export.spec import (
     validate_name,
 )
 
-__all__ = ["DEFAULT_ATOL", "DEFAULT_OPSET", "DEFAULT_RTOL", "DTYPES", "INPUT_NAME", "MANIFEST_FORMAT", "MANIFEST_NAME",
-           "ExportMismatch", "ExportReport", "ManifestError", "ModelIOSpec", "OutputError", "SpecError",
-           "SpecMismatch", "TensorSpec", "build_manifest", "export_onnx", "io_spec", "load_manifest",
-           "manifest_io_spec", "sha256_file", "validate_name", "write_manifest"]
+__all__ = ["DEFAULT_ATOL", "DEFAULT_OPSET", "DEFAULT_RTOL", "DTYPES", "FINAL_RTOL", "FLIP_FRACTION", "INPUT_NAME",
+           "MANIFEST_FORMAT", "MANIFEST_NAME", "ExactCheck", "ExportMismatch", "ExportReport", "FinalOutputs",
+           "ManifestError", "ModelIOSpec", "OutputError", "SpecError", "SpecMismatch", "TensorSpec", "build_manifest",
+           "export_onnx", "graph_spec", "io_spec", "load_manifest", "manifest_io_spec", "sha256_file",
+           "validate_name", "write_manifest"]

@@ -7,6 +7,14 @@ that does not belong to the model, so the manifest cannot describe another graph
 exported. The model config it records rebuilds the model:
 ``build_model(ModelConfig.from_dict(manifest.model_config_))``.
 
+A final graph's manifest (the default export) also has the ``graph`` section: the image input's
+dtype and, for every output, which field of which task's answer it holds in which dtype
+(`parsimony.manifest.GraphSection`); its ``input`` section describes uint8 ``[N, H, W, 3]`` pixels
+in [0, 255] or float32 ``[N, 3, H, W]`` images in [0, 1], normalised inside the graph either way.
+Each task's section is the same in both graph kinds: its ``output`` names the tensor holding its
+primary field (a final graph: the answer, e.g. the class map; a raw graph: the head output) and
+``semantics`` says what the head computes (a final graph's ``TASK_raw``).
+
 The thin functions below (`load_manifest`, `write_manifest`, `verify_onnx_digest`,
 `manifest_io_spec`) keep the names the export and its tests use; each is one call into the contract.
 """
@@ -32,7 +40,7 @@ from parsimony.manifest import (
 )
 from parsimony.spec import INPUT_NAME, ModelIOSpec
 from parsimony.tasks import kind
-from training.export.spec import io_spec
+from training.export.final_graph import PIXEL_MAX, graph_spec
 from training.models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -41,7 +49,7 @@ if TYPE_CHECKING:
     from training.export.onnx_export import ExportReport
 
 __all__ = ["MACS_NOTE", "MANIFEST_FORMAT", "MANIFEST_NAME", "REQUIRED_KEYS", "Manifest", "ManifestError",
-           "build_manifest", "checkpoint_section", "input_section", "load_manifest", "manifest_io_spec",
+           "build_manifest", "checkpoint_section", "graph_section", "input_section", "load_manifest", "manifest_io_spec",
            "sha256_file", "verify_onnx_digest", "versions", "write_manifest"]
 
 MANIFEST_FORMAT = FORMAT_VERSION
@@ -69,13 +77,14 @@ def build_manifest(
     config: ModelConfig = model.config
     _check_consistent(config, io_spec_, image_size, report)
     h, w = image_size
-    return Manifest.parse({
+    graph = {"graph": graph_section(report)} if report.final else {}
+    return Manifest.parse(graph | {
         "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model_name": config.name,
         "onnx_file": report.path.name,
         "onnx_sha256": sha256_file(report.path),
-        "input": input_section(config, (h, w)),
+        "input": input_section(config, (h, w), report.input_dtype),
         "tasks": [kind(t.kind, task=t.name).manifest_section(t.info()) for t in config.tasks],
         "io_spec": io_spec_.to_dict(),
         "model_config": config.to_dict(),
@@ -102,21 +111,32 @@ def manifest_io_spec(manifest: Manifest) -> ModelIOSpec:
     return manifest.tensor_spec
 
 
-def input_section(config: ModelConfig, image_size: tuple[int, int]) -> dict:
+def input_section(config: ModelConfig, image_size: tuple[int, int], dtype: str = "float32") -> dict:
+    """The ``input`` section: float32 ``[N, C, H, W]`` in [0, 1], or uint8 ``[N, H, W, C]`` pixels."""
+    pixels = dtype == "uint8"
+    formula = ("image / 255 (transposed to NCHW), then (x - mean) / std per channel, applied inside the graph: "
+               "send uint8 pixels" if pixels else
+               "(image - mean) / std per channel, applied inside the graph: send [0, 1] images")
     return {
         "name": INPUT_NAME,
-        "layout": "NCHW",
+        "layout": "NHWC" if pixels else "NCHW",
         "size": list(image_size),
         "channels": "RGB" if config.encoder.in_channels == 3 else f"{config.encoder.in_channels} channels",
-        "value_range": [0.0, 1.0],
-        "dtype": "float32",
+        "value_range": [0.0, PIXEL_MAX] if pixels else [0.0, 1.0],
+        "dtype": dtype,
         "normalization": {
             "in_graph": True,
             "mean": list(config.input_mean),
             "std": list(config.input_std),
-            "formula": "(image - mean) / std per channel, applied inside the graph: send [0, 1] images",
+            "formula": formula,
         },
     }
+
+
+def graph_section(report: ExportReport) -> dict:
+    """The ``graph`` section of a final graph: its input dtype and what each output holds."""
+    return {"outputs": "final", "input_dtype": report.input_dtype,
+            "tensors": [{"task": o.task, "field": o.field, "dtype": o.dtype, "name": o.name} for o in report.outputs]}
 
 
 def versions() -> dict[str, str]:
@@ -140,11 +160,13 @@ def versions() -> dict[str, str]:
 def _check_consistent(
     config: ModelConfig, spec: ModelIOSpec, image_size: tuple[int, int], report: ExportReport
 ) -> None:
-    expected = io_spec(config, image_size)
+    expected, _ = graph_spec(config, image_size, raw_outputs=not report.final,
+                             float_input=report.input_dtype == "float32")
     if spec != expected:
         raise ManifestError(
             f"the io spec does not belong to this model at image_size {tuple(image_size)}: got {spec.to_dict()}, "
-            f"the model's is {expected.to_dict()}; pass io_spec(model.config, image_size)"
+            f"the model's {'final' if report.final else 'raw'} graph has {expected.to_dict()}; pass the "
+            f"export report's io_spec"
         )
     if report.io_spec != expected:
         raise ManifestError(

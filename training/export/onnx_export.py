@@ -1,13 +1,17 @@
 """ONNX export that checks itself: spec-named graph, ONNX checker, spec check, ONNX Runtime vs PyTorch.
 
-`export_onnx` traces a float32 CPU copy of the model in eval mode with the TorchScript exporter
+`export_onnx` exports the final graph by default (uint8 pixels in, each task's answer out, pre- and
+post-processing inside: `training.export.final_graph`), ``float_input`` the same graph on float32
+``[N, C, H, W]`` images in [0, 1], and ``raw_outputs`` the raw graph (float32 images in, each
+task's head output named by the task). It traces a float32 CPU copy of the model in eval mode with the TorchScript exporter
 (``dynamo=False``: it needs no onnxscript and behaves the same on torch 2.9 to 2.14), names every
 tensor from the `ModelIOSpec`, makes the batch dimension dynamic and writes the spec's fixed dims
 into the graph outputs (the tracer leaves the dims of upsampled maps symbolic). The graph is written
 to a temporary file next to ``path`` and renamed into place only after every check passed, so a
 failed export leaves nothing at ``path``.
 
-Tolerance. Output ``o`` agrees when ``max|ort - torch| <= atol + rtol * scale`` with
+Tolerance of raw outputs (a final graph's answer fields follow `training.export.checks`). Output
+``o`` agrees when ``max|ort - torch| <= atol + rtol * scale`` with
 ``scale = max|torch output|``, per output and batch size. Both runtimes compute in float32 but sum
 convolutions in different orders (and ONNX Runtime fuses Conv+BN+ReLU), so they differ by rounding:
 measured up to 8e-6 of the scale for logits and depth (tiny and resnet50d-os8, 25 and 12 random
@@ -31,7 +35,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -40,7 +43,20 @@ from torch import Tensor, nn
 from parsimony import onnxrt
 from parsimony.io import staged
 from parsimony.spec import DYNAMIC, ModelIOSpec
-from training.export.spec import io_spec
+from parsimony.tasks import GraphOutput
+from training.export.checks import (
+    FINAL_RTOL,
+    FLIP_FRACTION,
+    Check,
+    ExactCheck,
+    ExportMismatch,
+    OutputError,
+    check_shape,
+    describe_failures,
+    raw_error,
+    task_checks,
+)
+from training.export.final_graph import FinalOutputs, graph_spec, model_input, sample_input
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +64,16 @@ DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-3
 DEFAULT_RTOL = 1e-4
 TOLERANCE_RULE = "max|ort - torch| <= atol + rtol * max|torch|, per output and batch size"
+FINAL_RULES = {
+    "raw": f"TASK_raw: {TOLERANCE_RULE}",
+    "float32": f"max|ort - ref| <= {FINAL_RTOL:g} * max|ref| + the raw output's max|ort - torch|, ref = the "
+               f"reference post-processing (parsimony.tasks Kind.postprocess) of PyTorch's raw output; and within "
+               f"{FINAL_RTOL:g} * max|ref| of the reference on ONNX Runtime's own raw output",
+    "float16": "the error beyond 2^-10 |ref| + 2^-24 (two float16 roundings) within the float32 bound x (1 + 2^-11)",
+    "exact": f"equal to the reference on ONNX Runtime's own raw output everywhere; unequal to that on PyTorch's at "
+             f"no more than {FLIP_FRACTION:g} of the elements (near ties)",
+}
 TRACE_SEED = 0  # the traced input; each checked batch size b uses seed 1000 + b (never the traced input)
-
-
-class ExportMismatch(ValueError):
-    """ONNX Runtime disagrees with PyTorch on an exported graph; nothing was written."""
-
-
-@dataclass(frozen=True)
-class OutputError:
-    """Agreement of one output at one batch size."""
-
-    name: str
-    batch_size: int
-    max_abs_error: float
-    scale: float  # max |PyTorch output|
-    bound: float
-
-    @property
-    def max_rel_error(self) -> float:
-        """Max absolute error relative to the output's scale (not element-wise)."""
-        return self.max_abs_error / self.scale if self.scale > 0 else self.max_abs_error
-
-    @property
-    def passed(self) -> bool:
-        return bool(np.isfinite(self.max_abs_error)) and self.max_abs_error <= self.bound
 
 
 @dataclass(frozen=True)
@@ -82,42 +83,63 @@ class ExportReport:
     opset: int
     atol: float
     rtol: float
-    checks: tuple[OutputError, ...]
+    checks: tuple[Check, ...]
     export_seconds: float
     verify_seconds: float
+    outputs: tuple[GraphOutput, ...] = ()  # what each output of a final graph is; empty: a raw graph
+
+    @property
+    def final(self) -> bool:
+        return bool(self.outputs)
+
+    @property
+    def input_dtype(self) -> str:
+        return self.io_spec.inputs[0].dtype
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
         return tuple(sorted({c.batch_size for c in self.checks}))
 
+    def _float_checks(self, name: str) -> list[OutputError]:
+        return [c for c in self.checks if c.name == name and isinstance(c, OutputError)]
+
     def max_abs_error(self) -> dict[str, float]:
-        """Per output, the largest absolute error over the checked batch sizes."""
-        return {
-            n: max(c.max_abs_error for c in self.checks if c.name == n) for n in self.io_spec.output_names
-        }
+        """Per float output, the largest absolute error over the checked batch sizes (float16
+        outputs: beyond float16 rounding)."""
+        return {n: max(c.max_abs_error for c in checks) for n in self.io_spec.output_names
+                if (checks := self._float_checks(n))}
 
     def max_rel_error(self) -> dict[str, float]:
-        return {
-            n: max(c.max_rel_error for c in self.checks if c.name == n) for n in self.io_spec.output_names
-        }
+        return {n: max(c.max_rel_error for c in checks) for n in self.io_spec.output_names
+                if (checks := self._float_checks(n))}
+
+    def near_ties(self) -> dict[str, int]:
+        """Per discrete output (class and edge maps), the most elements at one batch size that
+        differ from the reference on PyTorch's raw output."""
+        exact = [c for c in self.checks if isinstance(c, ExactCheck)]
+        return {n: max(c.flipped for c in exact if c.name == n) for n in dict.fromkeys(c.name for c in exact)}
 
     def to_dict(self) -> dict:
         """The manifest's ``export`` section (JSON-ready)."""
-        return {
+        check = {
+            "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+            "batch_sizes": list(self.batch_sizes),
+            "input": ("uniform random uint8 pixels p, fixed seeds; PyTorch gets p / 255" if self.input_dtype == "uint8"
+                      else "uniform [0, 1) images, fixed seeds"),
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "rule": TOLERANCE_RULE,
+        }
+        out = {
             "file": self.path.name,
             "opset": self.opset,
             "exporter": f"torch.onnx.export (TorchScript, dynamo=False), torch {torch.__version__}",
-            "check": {
-                "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
-                "batch_sizes": list(self.batch_sizes),
-                "input": "uniform [0, 1) images, fixed seeds",
-                "atol": self.atol,
-                "rtol": self.rtol,
-                "rule": TOLERANCE_RULE,
-            },
+            "check": check | ({"final_rtol": FINAL_RTOL, "flip_fraction": FLIP_FRACTION, "final_rules": FINAL_RULES}
+                              if self.final else {}),
             "max_abs_error": self.max_abs_error(),
             "max_rel_error": self.max_rel_error(),
         }
+        return out | ({"near_ties": self.near_ties()} if self.final else {})
 
 
 def export_onnx(
@@ -125,13 +147,16 @@ def export_onnx(
     path: str | Path,
     *,
     image_size: tuple[int, int],
+    raw_outputs: bool = False,
+    float_input: bool = False,
     opset: int = DEFAULT_OPSET,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     check_batch_sizes: Sequence[int] = (1, 2),
 ) -> ExportReport:
     """Export ``model`` (a `MultiTaskModel`, or any module with a ``config`` returning a dict of
-    task outputs) to ``path`` at ``image_size`` (H, W) and verify it; see the module doc.
+    task outputs) to ``path`` at ``image_size`` (H, W) and verify it; see the module doc. The
+    final graph by default (on ``float_input``: float32 images), the raw graph on ``raw_outputs``.
 
     Raises `ExportMismatch` when ONNX Runtime and PyTorch disagree beyond the bound, and
     ``SpecMismatch`` / ``onnx.checker.ValidationError`` when the graph is malformed; in every
@@ -141,8 +166,8 @@ def export_onnx(
         raise ValueError(f"check_batch_sizes must list positive batch sizes, got {check_batch_sizes!r}")
     if atol < 0 or rtol < 0:
         raise ValueError(f"atol and rtol must be non-negative, got {atol}, {rtol}")
-    spec = io_spec(model.config, image_size)
-    module = SpecOutputs(model, spec.output_names)
+    spec, outputs = graph_spec(model.config, image_size, raw_outputs=raw_outputs, float_input=float_input)
+    module = FinalOutputs(model, outputs) if outputs else SpecOutputs(model, spec.output_names)
     path = Path(path)
     with staged(path) as tmp:
         start = time.perf_counter()
@@ -152,14 +177,17 @@ def export_onnx(
         checks = compare_with_onnx_runtime(module, tmp, spec, check_batch_sizes, atol=atol, rtol=rtol)
         raise_on_mismatch(checks, atol=atol, rtol=rtol, opset=opset)
         verified = time.perf_counter()
-    report = ExportReport(path, spec, opset, atol, rtol, tuple(checks), exported - start, verified - exported)
+    report = ExportReport(path, spec, opset, atol, rtol, tuple(checks), exported - start, verified - exported,
+                          outputs)
     log.info(
-        "exported %s (opset %d) in %.1f s, verified in %.1f s; max rel error %s",
+        "exported %s (%s graph, opset %d) in %.1f s, verified in %.1f s; max rel error %s%s",
         path,
+        "final" if outputs else "raw",
         opset,
         report.export_seconds,
         report.verify_seconds,
         {k: f"{v:.2g}" for k, v in report.max_rel_error().items()},
+        f"; near ties {report.near_ties()}" if outputs else "",
     )
     return report
 
@@ -188,14 +216,7 @@ class SpecOutputs(nn.Module):
         return tuple(out[n] for n in self.output_names)
 
 
-def sample_input(spec: ModelIOSpec, batch: int, seed: int) -> Tensor:
-    """A fixed-seed image batch in [0, 1), the input's domain."""
-    (image,) = spec.inputs
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(image.concrete_shape(batch), generator=generator, dtype=torch.float32)
-
-
-def trace_to_onnx(module: SpecOutputs, path: Path, spec: ModelIOSpec, opset: int) -> None:
+def trace_to_onnx(module: nn.Module, path: Path, spec: ModelIOSpec, opset: int) -> None:
     """TorchScript-trace ``module`` to ``path`` with the spec's names and dynamic batch dimension.
 
     Traced with batch 2, so no dimension of size 1 gets specialised into the graph.
@@ -238,32 +259,37 @@ def compare_with_onnx_runtime(
     *,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
-) -> list[OutputError]:
-    """Run ``onnx_path`` in ONNX Runtime and ``module`` (tuple outputs in spec order) on the same
-    fixed-seed images for each batch size; shape mismatches raise `ExportMismatch` at once."""
+) -> list[Check]:
+    """Run ``onnx_path`` in ONNX Runtime and ``module`` in PyTorch on the same fixed-seed inputs for
+    each batch size (a final graph's pixels ``p`` are ``p / 255`` in PyTorch). A raw graph's
+    ``module`` returns the outputs in spec order; a final graph's (`FinalOutputs`) outputs are
+    checked per task by `training.export.checks.task_checks`. Shape mismatches raise
+    `ExportMismatch` at once."""
     session = onnxrt.session(onnx_path)
     module.eval()
-    checks = []
+    checks: list[Check] = []
     for batch in batch_sizes:
         image = sample_input(spec, batch, 1000 + batch)
+        got = dict(zip(spec.output_names, session.run(list(spec.output_names), {spec.inputs[0].name: image.numpy()}),
+                       strict=True))
         with torch.no_grad():
+            if isinstance(module, FinalOutputs):
+                raw = {name: t.numpy() for name, t in module.model(model_input(image)).items()}
+                for name, task in module.tasks.items():
+                    outputs = [o for o in module.outputs if o.task == name]
+                    checks += task_checks(task.info(), outputs, got, raw[name], batch, atol=atol, rtol=rtol)
+                continue
             expected = [t.numpy() for t in module(image)]
-        got = session.run(list(spec.output_names), {spec.inputs[0].name: image.numpy()})
-        for tensor, ref, out in zip(spec.outputs, expected, got, strict=True):
-            _check_shape(tensor.name, tensor.concrete_shape(batch), ref.shape, out.shape)
-            checks.append(_output_error(tensor.name, batch, ref, out, atol, rtol))
+        for tensor, ref in zip(spec.outputs, expected, strict=True):
+            check_shape(tensor.name, tensor.concrete_shape(batch), ref.shape, got[tensor.name].shape)
+            checks.append(raw_error(tensor.name, batch, ref, got[tensor.name], atol, rtol))
     return checks
 
 
-def raise_on_mismatch(checks: Sequence[OutputError], *, atol: float, rtol: float, opset: int) -> None:
-    failed = [c for c in checks if not c.passed]
-    if not failed:
+def raise_on_mismatch(checks: Sequence[Check], *, atol: float, rtol: float, opset: int) -> None:
+    lines = describe_failures(checks, atol=atol, rtol=rtol)
+    if not lines:
         return
-    lines = [
-        f"output {c.name!r} at batch size {c.batch_size}: max |ort - torch| = {c.max_abs_error:.3g} "
-        f"> bound {c.bound:.3g} (atol {atol:g} + rtol {rtol:g} x output scale {c.scale:.3g})"
-        for c in failed
-    ]
     raise ExportMismatch(
         "ONNX Runtime disagrees with PyTorch, so nothing was written:\n  " + "\n  ".join(lines) + "\n"
         f"Try another opset (this was {opset}; e.g. {opset - 1} or {opset + 1}); look for Python "
@@ -271,24 +297,6 @@ def raise_on_mismatch(checks: Sequence[OutputError], *, atol: float, rtol: float
         "warnings) and for ops that differ between the runtimes; loosen atol/rtol only if the "
         "difference is float rounding (relative error near 1e-4, not near 1)."
     )
-
-
-def _output_error(
-    name: str, batch: int, ref: np.ndarray, out: np.ndarray, atol: float, rtol: float
-) -> OutputError:
-    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
-    finite = np.isfinite(ref64).all() and np.isfinite(out64).all()
-    max_abs = float(np.abs(out64 - ref64).max()) if finite else float("inf")
-    scale = float(np.abs(ref64).max()) if np.isfinite(ref64).all() else float("inf")
-    return OutputError(name, batch, max_abs, scale, atol + rtol * scale)
-
-
-def _check_shape(name: str, declared: tuple[int, ...], torch_shape: tuple, ort_shape: tuple) -> None:
-    if tuple(torch_shape) != declared or tuple(ort_shape) != declared:
-        raise ExportMismatch(
-            f"output {name!r}: spec declares shape {declared}, PyTorch returned {tuple(torch_shape)} and "
-            f"ONNX Runtime {tuple(ort_shape)}; the model config and the exported module disagree"
-        )
 
 
 def _set_shape(value: onnx.ValueInfoProto, tensor) -> None:

@@ -111,6 +111,10 @@ class Attributes(TrainingKind):
     def trivial_output(self, task: TaskSpec, constant: Tensor, n: int, h: int, w: int, like: Tensor) -> Tensor:
         return (TRIVIAL_LOGIT * (2 * constant.to(dtype=like.dtype, device=like.device) - 1)).expand(n, -1)
 
+    def final_outputs(self, task: TaskSpec, raw: Tensor) -> dict[str, Tensor]:
+        """The probability of each attribute ``[N, A]`` (the answer's map, in attribute order)."""
+        return {"probabilities": torch.sigmoid(raw)}
+
     def caption(self, task: TaskSpec, target: np.ndarray) -> str:
         on = [name for name, v in zip(task.labels, target.tolist(), strict=True) if v > 0.5]
         return ",".join(on) or "-"

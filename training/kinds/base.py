@@ -8,6 +8,9 @@ A `TrainingKind` says
 - what its trivial baseline predicts (a constant fitted on the training targets),
 - which head archs it may use (`heads`; the first is its default) and what the head's output
   becomes in the graph (`head_output`),
+- how a batch of raw outputs becomes the fields of the answer, as torch ops that an exported graph
+  computes (`final_outputs`; the contract's `Kind.postprocess` is the numpy reference it is checked
+  against),
 - how its targets follow the image through a resize (`resize_mode`), a horizontal flip (`flip`)
   and a zoom (`zoom`), and how a data-set preview draws them (`preview`, `caption`).
 
@@ -179,6 +182,17 @@ class TrainingKind(abc.ABC):
     def head_output(self, out: Tensor) -> Tensor:
         """What a dense head's upsampled map becomes in the graph (unchanged unless a kind says)."""
         return out
+
+    # --- final outputs computed in the exported graph ------------------------------------------
+
+    @abc.abstractmethod
+    def final_outputs(self, task: TaskSpec, raw: Tensor) -> dict[str, Tensor]:
+        """A batch of raw outputs (``[N, C, H, W]`` dense, else ``[N, C]``) -> every field of the
+        answer (`parsimony.tasks.Kind.fields`) for the batch, as ops the ONNX exporter traces: float
+        fields in float32, discrete ones (class or edge maps) in any dtype holding their values
+        exactly. The export casts each to the dtypes the contract offers it in
+        (`Kind.field_dtypes`: the class map's uint8/int32, float16 copies); the values must be those
+        of `Kind.postprocess` on each image up to float rounding."""
 
     # --- target augmentation and previews ------------------------------------------------------
 

@@ -77,6 +77,10 @@ class Depth(TrainingKind):
     def trivial_output(self, task: TaskSpec, constant: Tensor, n: int, h: int, w: int, like: Tensor) -> Tensor:
         return constant_map(constant, n, h, w, like)
 
+    def final_outputs(self, task: TaskSpec, raw: Tensor) -> dict[str, Tensor]:
+        """Depth ``[N, H, W]`` in metres, clamped at 0 (the head is unconstrained)."""
+        return {"depth": raw[:, 0].clamp_min(0.0)}
+
     def zoom(self, target: Tensor, scale: float) -> Tensor:
         """Zooming in by ``scale`` makes objects look ``scale`` times closer; invalid (0) stays 0."""
         return target / scale

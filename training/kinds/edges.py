@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from parsimony.tasks import TaskSpec
-from parsimony.tasks.edges import THRESHOLD
+from parsimony.tasks.edges import EDGE, THRESHOLD
 from training.kinds.base import (
     DENSE_HEADS,
     TRIVIAL_LOGIT,
@@ -139,6 +139,12 @@ class Edges(TrainingKind):
 
     def trivial_output(self, task: TaskSpec, constant: Tensor, n: int, h: int, w: int, like: Tensor) -> Tensor:
         return constant_map(TRIVIAL_LOGIT * (2 * constant - 1), n, h, w, like)
+
+    def final_outputs(self, task: TaskSpec, raw: Tensor) -> dict[str, Tensor]:
+        """The edge map ``[N, H, W]``: `EDGE` where the logit is at least 0 (probability >= 0.5),
+        else 0; and the boundary probabilities."""
+        logits = raw[:, 0]
+        return {"edge_map": torch.where(logits >= 0, float(EDGE), 0.0), "probabilities": torch.sigmoid(logits)}
 
     def preview(self, task: TaskSpec, target: np.ndarray) -> np.ndarray:
         t = target[0]

@@ -135,6 +135,10 @@ class Normal(TrainingKind):
     def head_output(self, out: Tensor) -> Tensor:
         return unit_vectors(out)
 
+    def final_outputs(self, task: TaskSpec, raw: Tensor) -> dict[str, Tensor]:
+        """The unit normals as they are: the head already normalises them (`head_output`)."""
+        return {"normal": raw}
+
     def flip(self, target: Tensor) -> Tensor:
         """Mirroring negates the x component; ``0.0 - x`` keeps the all-zero "invalid" vector
         exactly zero (no -0.0), so flipping twice is the identity."""

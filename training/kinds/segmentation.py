@@ -103,6 +103,14 @@ class Segmentation(TrainingKind):
         logits = TRIVIAL_LOGIT * F.one_hot(constant.long(), task.channels).to(dtype=like.dtype, device=like.device)
         return logits.view(1, -1, 1, 1).expand(n, -1, h, w)
 
+    def final_outputs(self, task: TaskSpec, raw: Tensor) -> dict[str, Tensor]:
+        """The class map (``argmax`` over the classes: the first maximum on ties, as numpy's and ONNX
+        Runtime's ArgMax) and the softmax probabilities, spelt out as ``exp(x - max) / sum``: ONNX
+        Runtime's Softmax over the channel axis of ``[N, C, H, W]`` transposes it twice and took 3x
+        as long (288x384, 13 classes, one thread: 23 ms against 7)."""
+        exp = torch.exp(raw - raw.amax(dim=1, keepdim=True))
+        return {"class_map": raw.argmax(dim=1), "probabilities": exp / exp.sum(dim=1, keepdim=True)}
+
     def preview(self, task: TaskSpec, target: np.ndarray) -> np.ndarray:
         import matplotlib
 

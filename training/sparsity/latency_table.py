@@ -228,10 +228,12 @@ def measure_models_ms(models: Sequence[nn.Module], image_size: tuple[int, int], 
 
 
 def export_temporary(model: nn.Module, path: Path, image_size: tuple[int, int]) -> Path:
-    """An ONNX file of a CPU copy of ``model`` (the model itself is left where it is)."""
+    """A raw ONNX graph (the network alone, float32 images in) of a CPU copy of ``model`` (the
+    model itself is left where it is)."""
     from training.export.onnx_export import export_onnx
 
-    return export_onnx(copy.deepcopy(model).cpu().eval(), path, image_size=image_size, check_batch_sizes=(1,)).path
+    return export_onnx(copy.deepcopy(model).cpu().eval(), path, image_size=image_size, check_batch_sizes=(1,),
+                       raw_outputs=True).path
 
 
 def time_onnx(paths: Sequence[Path], image_size: tuple[int, int], batch: int, threads: int | None, *,
