@@ -260,6 +260,7 @@ def test_four_task_config_trains_compacts_and_exports(tmp_path, capsys) -> None:
     assert list(metrics["tasks"]) == ["segmentation", "depth", "normal", "edges"]
     assert metrics["trivial"]["edges"]["ods_f"] == 0.0 and 0 < metrics["tasks"]["edges"]["ods_f"] <= 100
     manifest = Manifest.load(out)
-    assert manifest.tensor_spec.tensor("edges").shape == (-1, 1, 32, 48)
+    assert manifest.tensor_spec.tensor("edges_raw").shape == (-1, 1, 32, 48)
+    assert manifest.output_tensor("edges", "edge_map", "uint8") == "edges"
     assert [t.kind for t in manifest.task_infos] == ["segmentation", "depth", "normal", "edges"]
     assert "ods_f" in capsys.readouterr().out

@@ -1,5 +1,9 @@
 """ONNX export: the tensor spec, the self-checking export (ONNX Runtime vs PyTorch) and the manifest.
 
+The export is the final graph (uint8 pixels in, each task's answer and its raw output ``TASK_raw``
+out); the comparisons here feed it pixels ``p`` and compare ``TASK_raw`` with PyTorch on ``p / 255``
+(the answer fields, the float-input and raw variants: tests/test_final_graph.py).
+
 Small models only: the ``tiny`` encoder at 32x48 and the paper's resnet50d-os8 with 8-wide heads at
 32x32. Each check here can fail: the comparisons against ONNX Runtime are recomputed in the tests
 (not read back from the export report), and the failure paths are driven through the production
@@ -8,6 +12,7 @@ code by making the exported graph genuinely differ from the PyTorch model.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -31,6 +36,7 @@ from training.export import (
     TensorSpec,
     build_manifest,
     export_onnx,
+    graph_spec,
     io_spec,
     load_manifest,
     onnx_export,
@@ -82,21 +88,25 @@ def _ort(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+def _pixels(batch: int, size: tuple[int, int], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, *size, 3), dtype=np.uint8)
+
+
 def _assert_ort_matches_torch(model, path: Path, spec: ModelIOSpec, batch: int) -> dict[str, float]:
-    """Independent re-check on a fresh input; returns the scale-relative error per output."""
-    size = spec.inputs[0].shape[2:]
-    image = torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(123))
+    """Independent re-check on fresh pixels: each task's raw output ``TASK_raw`` against PyTorch on
+    the pixels / 255; returns the scale-relative error per task."""
+    pixels = _pixels(batch, spec.inputs[0].shape[1:3], 123)
     with torch.no_grad():
-        expected = model.eval()(image)
-    got = dict(zip(spec.output_names, _ort(path).run(None, {"image": image.numpy()}), strict=True))
+        expected = model.eval()(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255)
+    got = dict(zip(spec.output_names, _ort(path).run(None, {"image": pixels}), strict=True))
     errors = {}
-    for t in spec.outputs:
-        ref, out = expected[t.name].numpy(), got[t.name]
-        assert out.shape == ref.shape == t.concrete_shape(batch)
+    for task, value in expected.items():
+        ref, out = value.numpy(), got[f"{task}_raw"]
+        assert out.shape == ref.shape == spec.tensor(f"{task}_raw").concrete_shape(batch)
         scale = float(np.abs(ref).max())
         err = float(np.abs(out - ref).max())
-        assert err <= DEFAULT_ATOL + DEFAULT_RTOL * scale, (t.name, err, scale)
-        errors[t.name] = err / scale
+        assert err <= DEFAULT_ATOL + DEFAULT_RTOL * scale, (task, err, scale)
+        errors[task] = err / scale
     return errors
 
 
@@ -181,8 +191,8 @@ def test_dynamic_batch_runs_in_onnx_runtime(tiny_export) -> None:
     _, path, report = tiny_export
     session = _ort(path)
     for batch in (1, 3):
-        image = np.random.default_rng(batch).random((batch, 3, *TINY_SIZE), dtype=np.float32)
-        outputs = dict(zip(report.io_spec.output_names, session.run(None, {"image": image}), strict=True))
+        outputs = dict(zip(report.io_spec.output_names, session.run(None, {"image": _pixels(batch, TINY_SIZE, batch)}),
+                           strict=True))
         for t in report.io_spec.outputs:
             assert outputs[t.name].shape == t.concrete_shape(batch)
     normals = outputs["normal"]
@@ -193,8 +203,8 @@ def test_tiny_export_matches_pytorch_within_the_bound(tiny_export) -> None:
     model, path, report = tiny_export
     assert report.batch_sizes == (1, 2)
     assert all(c.passed for c in report.checks)
-    assert len(report.checks) == 2 * len(TASKS)
-    assert set(report.max_abs_error()) == {t.name for t in TASKS}
+    assert len(report.checks) == 2 * len(report.io_spec.outputs)
+    assert set(report.max_abs_error()) >= {f"{t.name}_raw" for t in TASKS}
     _assert_ort_matches_torch(model, path, report.io_spec, batch=3)
 
 
@@ -208,6 +218,7 @@ def test_resnet50d_os8_export_matches_pytorch(tmp_path: Path, head: str) -> None
     rel = _assert_ort_matches_torch(model, tmp_path / "model.onnx", report.io_spec, batch=2)
     # Rounding only: well inside rtol for everything but the unit normals (see onnx_export's doc).
     assert max(rel[n] for n in ("seg", "depth", "attr")) < DEFAULT_RTOL / 5
+    assert report.near_ties() == {"seg": 0}  # the class maps are exact on these inputs
 
 
 def test_export_leaves_the_callers_model_alone(tmp_path: Path) -> None:
@@ -224,7 +235,7 @@ def _perturbed_trace(monkeypatch) -> None:
     real = onnx_export.trace_to_onnx
 
     def trace_altered_copy(module, path, spec, opset):
-        altered = onnx_export.SpecOutputs(module.model, spec.output_names)
+        altered = copy.deepcopy(module)
         with torch.no_grad():
             altered.model.heads["depth"].classifier.bias.add_(0.5)
         real(altered, path, spec, opset)
@@ -238,8 +249,8 @@ def test_mismatch_raises_and_writes_nothing(tmp_path: Path, monkeypatch) -> None
     with pytest.raises(ExportMismatch) as info:
         export_onnx(_tiny(), path, image_size=TINY_SIZE)
     message = str(info.value)
-    assert "'depth'" in message and "bound" in message and "opset" in message
-    assert "'seg'" not in message  # only the altered head disagrees
+    assert "'depth_raw'" in message and "bound" in message and "opset" in message
+    assert "'seg" not in message  # only the altered head disagrees
     assert list(tmp_path.iterdir()) == []  # no file and no temporary left behind
 
 
@@ -268,7 +279,7 @@ def test_frozen_control_flow_is_caught(tmp_path: Path) -> None:
     model = _BatchDependent(model_config(encoder="tiny", tasks=TASKS))
     with (
         pytest.warns(torch.jit.TracerWarning),
-        pytest.raises(ExportMismatch, match="'depth' at batch size 1"),
+        pytest.raises(ExportMismatch, match="'depth_raw' at batch size 1"),
     ):
         export_onnx(model, tmp_path / "model.onnx", image_size=TINY_SIZE)
     assert not (tmp_path / "model.onnx").exists()
@@ -285,6 +296,7 @@ def test_tight_bound_fails_on_rounding_alone(tmp_path: Path) -> None:
 
 def _rename_output(graph: onnx.ModelProto, old: str, new: str) -> None:
     for node in graph.graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]  # a final graph's float16 copy reads it
         node.output[:] = [new if o == old else o for o in node.output]
     for value in graph.graph.output:
         if value.name == old:
@@ -305,7 +317,7 @@ def test_check_against_onnx_catches_a_renamed_output(tiny_export) -> None:
 def test_check_against_onnx_catches_dims_and_types(tiny_export) -> None:
     _, path, report = tiny_export
     graph = onnx.load(str(path))
-    seg = next(v for v in graph.graph.output if v.name == "seg")
+    seg = next(v for v in graph.graph.output if v.name == "seg_raw")
     seg.type.tensor_type.shape.dim[1].dim_value = 6
     batch = graph.graph.input[0].type.tensor_type.shape.dim[0]
     batch.dim_value = 1  # fixed batch where the spec says dynamic
@@ -314,15 +326,15 @@ def test_check_against_onnx_catches_dims_and_types(tiny_export) -> None:
     with pytest.raises(SpecMismatch) as info:
         report.io_spec.check_against_onnx(graph)
     message = str(info.value)
-    assert "output 'seg': dim 1 is 6, spec says 5" in message
+    assert "output 'seg_raw': dim 1 is 6, spec says 5" in message
     assert "input 'image': dim 0 is fixed to 1, spec says dynamic" in message
     assert "output 'attr': element type FLOAT16" in message
 
 
 def test_check_against_onnx_catches_another_image_size(tiny_export) -> None:
     _, path, _ = tiny_export
-    other = io_spec(model_config(encoder="tiny", tasks=TASKS), (64, 48))
-    with pytest.raises(SpecMismatch, match="dim 2 is 32, spec says 64"):
+    other, _ = graph_spec(model_config(encoder="tiny", tasks=TASKS), (64, 48))
+    with pytest.raises(SpecMismatch, match="dim 1 is 32, spec says 64"):
         other.check_against_onnx(path)
 
 
@@ -381,7 +393,8 @@ def test_manifest_records_spec_semantics_and_export(manifest_and_checkpoint) -> 
     assert "sigmoid" in tasks["attr"]["semantics"]
     norm = manifest["input"]["normalization"]
     assert norm["in_graph"] and norm["mean"] == list(_tiny().config.input_mean)
-    assert manifest["input"]["value_range"] == [0.0, 1.0] and manifest["input"]["size"] == list(TINY_SIZE)
+    assert manifest["input"]["value_range"] == [0.0, 255.0] and manifest["input"]["size"] == list(TINY_SIZE)
+    assert manifest["input"]["dtype"] == "uint8" and manifest["input"]["layout"] == "NHWC"
     export = manifest["export"]
     assert export["opset"] == 17 and export["check"]["atol"] == DEFAULT_ATOL
     assert export["max_abs_error"] == report.max_abs_error()
@@ -391,7 +404,7 @@ def test_manifest_records_spec_semantics_and_export(manifest_and_checkpoint) -> 
 
 def test_manifest_refuses_a_spec_of_another_size(tiny_export) -> None:
     model, _, report = tiny_export
-    other = io_spec(model.config, (64, 64))
+    other, _ = graph_spec(model.config, (64, 64))
     with pytest.raises(ManifestError, match="does not belong"):
         build_manifest(model, other, image_size=TINY_SIZE, report=report)
     with pytest.raises(ManifestError, match="export report"):
@@ -442,7 +455,8 @@ def test_an_edges_task_is_exported_with_its_kinds_section(tmp_path: Path) -> Non
     edges = TaskSpec("edges", "edges", 1)
     model = _tiny((SEG, edges))
     report = export_onnx(model, tmp_path / "model.onnx", image_size=TINY_SIZE, check_batch_sizes=(1,))
-    assert report.io_spec.tensor("edges") == TensorSpec("edges", "float32", (-1, 1, *TINY_SIZE))
+    assert report.io_spec.tensor("edges_raw") == TensorSpec("edges_raw", "float32", (-1, 1, *TINY_SIZE))
+    assert report.io_spec.tensor("edges") == TensorSpec("edges", "uint8", (-1, *TINY_SIZE))
     write_manifest(tmp_path / "manifest.json", build_manifest(model, report.io_spec, image_size=TINY_SIZE,
                                                               report=report))
     section = next(t for t in load_manifest(tmp_path).to_dict()["tasks"] if t["kind"] == "edges")

@@ -36,15 +36,35 @@ def test_run_ends_with_compact_onnx_and_manifest(sparse_run, capsys):
     sparsity = json.loads((sparse_run / "sparsity.json").read_text())
     assert sparsity["groups_zero"] > 0
     assert manifest["complexity"]["parameters"] < sparsity["dense_parameters"]  # channels were removed
-    # ONNX Runtime on the exported file computes what the sparse (uncompacted) PyTorch model computes
+    # ONNX Runtime on the exported file (the final graph: uint8 pixels in, each task's raw output as
+    # TASK_raw) computes what the sparse (uncompacted) PyTorch model computes on the pixels / 255
     dense, _ = load_run_model(sparse_run)
-    x = torch.rand(3, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randint(0, 256, (3, 32, 48, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    x = pixels.permute(0, 3, 1, 2).float() / 255
     session = ort.InferenceSession(str(sparse_run / "model.onnx"), providers=["CPUExecutionProvider"])
-    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": x.numpy()}), strict=True))
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": pixels.numpy()}),
+                   strict=True))
     with torch.no_grad():
         want = dense(x)
     for task, value in want.items():
-        assert np.abs(got[task] - value.numpy()).max() <= 1e-4 * max(1.0, float(value.abs().max())), task
+        assert np.abs(got[f"{task}_raw"] - value.numpy()).max() <= 1e-4 * max(1.0, float(value.abs().max())), task
+    assert manifest["graph"]["input_dtype"] == "uint8"
+
+
+def test_run_exports_the_graph_its_config_names(sparse_run, tmp_path):
+    """--export-graph raw writes the raw graph (float32 images in, head outputs named by task) and
+    a manifest without a graph section; the export command's --float-input the final graph on floats."""
+    run = tmp_path / "copy"
+    shutil.copytree(sparse_run, run)
+    assert run_main(["--resume", str(run), "--export-graph", "raw"]) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "graph" not in manifest and manifest["input"]["dtype"] == "float32"
+    assert [o["name"] for o in manifest["io_spec"]["outputs"]] == [t["name"] for t in manifest["tasks"]]
+    assert export_main([str(run), "--float-input"]) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["graph"]["input_dtype"] == "float32" and manifest["input"]["layout"] == "NCHW"
+    with pytest.raises(SystemExit):  # one graph at a time
+        export_main([str(run), "--float-input", "--raw-outputs"])
 
 
 def test_compact_and_export_commands_rebuild_the_artifacts(sparse_run, tmp_path):
