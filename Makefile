@@ -11,7 +11,7 @@ TRITON_VENV ?= .venv-triton
 TRITON_SPEC ?= nvidia-pytriton==0.7.0 'numpy<2' 'onnxruntime>=1.18'
 PYTEST_ARGS ?=
 
-.PHONY: venv triton-venv demo test test-all deploy-check lint bench bench-triton bench-gateway bench-triton-gateway bench-footprint gpu-check proto clean
+.PHONY: venv triton-venv demo test test-all deploy-check lint bench bench-triton bench-gateway bench-triton-gateway bench-final-graph bench-footprint gpu-check proto clean
 
 venv: $(VENV)/.installed
 
@@ -62,6 +62,10 @@ bench-gateway: venv
 
 bench-triton-gateway: venv triton-venv
 	$(PY) -m benchmarks.triton_gateway
+
+# final graphs against raw ones, side by side: bytes per hop, ONNX Runtime, the gateway's own CPU and p50
+bench-final-graph: venv
+	$(PY) -m benchmarks.final_graph
 
 # installed size of each role's venv, the gateway's and the converter's start-up and peak RSS against
 # BEFORE (a git revision, run with the full venv); venvs and results in runs/footprint. TORCH_WHEEL (a

@@ -20,7 +20,10 @@ def report(results: list[dict], args, env: dict) -> str:
     quick = "; **QUICK: tiny sizes, a smoke test, not the acceptance measurement**" if args.quick else ""
     lines = [
         f"onnxruntime {env['onnxruntime']} (CPU), {env['threads']} intra-op threads on both sides, {env['cores']} "
-        f"cores ({env['cpu']}), Python {env['python']}; gateway, client and ORT on the same machine{quick}.", "",
+        f"cores ({env['cpu']}), Python {env['python']}; gateway, client and ORT on the same machine{quick}. Graph: "
+        + ("the raw graph (`--raw-outputs`; the gateway converts the pixels and post-processes every task)."
+           if getattr(args, "raw_outputs", False) else "the final graph (the answers computed in the graph; in-process "
+           "ORT runs it pruned to the outputs the gateway asks for)."), "",
         "Latency at batch 1 (sequential calls; the gateway gets a raw uint8 tensor, so no decode):", "",
         "| model | size | ORT p50 (ms) | gateway p50 (ms) | ratio (≤ 1.05) | gRPC floor p50 (ms) | gateway − floor "
         "(ms) | ratio without transport | server total / inference (ms) | decode PNG / JPEG in process (ms) "
@@ -70,13 +73,16 @@ def report(results: list[dict], args, env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_markdown(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (between its markers), keeping everything else."""
-    block = f"{MARK_BEGIN}\n## Prediction gateway (`python -m benchmarks.gateway`)\n\n{section}{MARK_END}\n"
+def update_markdown(path: Path, section: str, *, name: str = "gateway",
+                    title: str = "Prediction gateway (`python -m benchmarks.gateway`)") -> None:
+    """Replace benchmark ``name``'s section of ``path`` (between its markers, added at the end when
+    missing) with ``title`` and ``section``, keeping everything else."""
+    begin, end = f"<!-- benchmarks.{name}:begin -->", f"<!-- benchmarks.{name}:end -->"  # MARK_BEGIN/END for gateway
+    block = f"{begin}\n## {title}\n\n{section}{end}\n"
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        before, rest = text.split(MARK_BEGIN, 1)
-        text = before + block + rest.split(MARK_END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)

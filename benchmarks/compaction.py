@@ -129,11 +129,13 @@ def check_exact(sparse: nn.Module, small: nn.Module, image_size: tuple[int, int]
 
 
 def save_variant(model: nn.Module, directory: Path, image_size: tuple[int, int], **fields) -> Variant:
-    """``config.json`` + ``model.safetensors`` (the layout `load_compact` reads) and ``model.onnx``."""
+    """``config.json`` + ``model.safetensors`` (the layout `load_compact` reads) and ``model.onnx``, the
+    raw graph (float32 images in, head outputs out): the network's own cost, dense against compact."""
     directory.mkdir(parents=True)
     atomic_write_json(directory / "config.json", model.config.to_dict())
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
-    onnx = export_onnx(model, directory / "model.onnx", image_size=image_size, check_batch_sizes=(1,)).path
+    onnx = export_onnx(model, directory / "model.onnx", image_size=image_size, check_batch_sizes=(1,),
+                       raw_outputs=True).path
     macs = macs_by_prefix(macs_by_module(model, image_size), depth=1)
     return Variant(directory=str(directory), onnx=str(onnx), params=count_parameters(model),
                    macs={"total": sum(macs.values()), **macs}, **fields)

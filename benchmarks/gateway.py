@@ -6,22 +6,27 @@
 
 Models (as in `benchmarks.compaction`): ``demo`` (``tiny`` encoder, light heads, 96x128) and
 ``resnet50d-os8`` (dilated ResNet-50-D, ASPP heads, 288x384), with the synthetic-scenes tasks
-(segmentation with 7 classes, depth, normals), untrained, 50 % of the encoder's channels zeroed at
-random and compacted (round_to 8), exported with its manifest into a model repository.
+(segmentation with 7 classes, depth, normals, edges), untrained, 50 % of the encoder's channels
+zeroed at random and compacted (round_to 8), exported with its manifest into a model repository:
+the final graph (uint8 pixels in, each task's answer out), or with ``--raw-outputs`` the raw graph
+(float32 images in, logits out, post-processed by the gateway). In-process ONNX Runtime runs the
+same graph as the gateway: the final graph pruned to the outputs the gateway asks for by default
+(`parsimony.onnxrt.session(..., outputs=...)`), the raw graph whole.
 
 For each model, first in this process with nothing else running:
 
 - **ORT's best batched configuration**: images/s of ``session.run`` at batch 1, 2, 4, 8 and 16, with
   each spinning mode; the fastest is re-measured below, next to the gateway;
-- **decode**: PIL decoding of the image as PNG and as JPEG (quality 90) plus ``preprocess``.
+- **decode**: PIL decoding of the image as PNG and as JPEG (quality 90) plus what the gateway does to
+  the pixels (`serving.server.codec.model_input`: nothing for a final graph, ``x / 255`` for a raw one).
 
 Then with the gateway (`python -m serving.server`, a subprocess, same ONNX Runtime thread count)
 running, over gRPC from this process:
 
 - **p50 at batch 1**, in ``--rounds`` alternating rounds (so that drift in the machine's load hits
-  both sides alike): in-process ``session.run`` on a float32 [1, 3, H, W] input, and sequential
-  gateway Predict calls with a raw ``uint8 [H, W, 3]`` tensor (no decode; preprocess, argmax and
-  serialisation of every task's output included; client-measured round trip, next to the server's
+  both sides alike): in-process ``session.run`` on one image as the graph takes it, and sequential
+  gateway Predict calls with a raw ``uint8 [H, W, 3]`` tensor (no decode; everything the gateway does
+  around the forward pass included; client-measured round trip, next to the server's
   own stage timings). A second gateway series sends PNG bytes, whose server ``decode_ms`` is
   reported separately. The idle gateway takes no CPU while ORT runs (its threads stop spinning
   when a forward pass returns);
@@ -66,6 +71,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from benchmarks._final_models import call_outputs, graph_input, metadata
 from benchmarks._gateway_bounds import INSTALL_HINT, ceilings, echo_server, h2load_available, h2load_run
 from benchmarks._gateway_report import report, update_markdown
 from benchmarks.compaction import CASES, sparsify
@@ -75,8 +81,9 @@ from parsimony.layout import MANIFEST_FILE, ONNX_FILE
 from parsimony.wire import STAGE_FIELDS
 from serving.proto.parsimony.v1 import gateway_pb2 as pb
 from serving.proto.parsimony.v1 import gateway_pb2_grpc as pb_grpc
-from serving.server.codec import preprocess
+from serving.server.codec import model_input
 from serving.server.config import default
+from serving.server.metadata import ModelMetadata
 from training.timing import median_ms, sample_ms
 
 log = logging.getLogger("benchmarks.gateway")
@@ -88,15 +95,14 @@ ORT_BATCHES = (1, 2, 4, 8, 16)
 # --- the model ------------------------------------------------------------------------------------
 
 
-def prepare_model(key: str, size: tuple[int, int], repo: Path, seed: int) -> Path:
-    """Build, sparsify (50 %), compact and export ``key`` into ``repo/key/1``; returns the version folder."""
+def prepare_model(key: str, size: tuple[int, int], repo: Path, seed: int, raw_outputs: bool = False) -> Path:
+    """Build, sparsify (50 %), compact and export ``key`` into ``repo/key/1`` (the final graph, or the
+    raw one); returns the version folder."""
     import torch
 
     from training.compaction import compact
     from training.data.synthetic_scenes import TASKS
-    from training.export import export_onnx
-    from training.export.manifest import build_manifest, write_manifest
-    from training.export.spec import io_spec
+    from training.export import build_manifest, export_onnx
     from training.models import create_model
 
     torch.manual_seed(0)
@@ -104,10 +110,9 @@ def prepare_model(key: str, size: tuple[int, int], repo: Path, seed: int) -> Pat
     small, _ = compact(sparsify(dense, 50, seed), round_to=8)
     version = repo / key / "1"
     version.mkdir(parents=True)
-    report = export_onnx(small, version / ONNX_FILE, image_size=size, check_batch_sizes=(1,))
-    manifest = build_manifest(small, io_spec(small.config, size), image_size=size, report=report,
-                              extra={"benchmark": "benchmarks.gateway", "sparsity": 50, "round_to": 8})
-    write_manifest(version / MANIFEST_FILE, manifest)
+    report = export_onnx(small, version / ONNX_FILE, image_size=size, check_batch_sizes=(1,), raw_outputs=raw_outputs)
+    build_manifest(small, report.io_spec, image_size=size, report=report,
+                   extra={"benchmark": "benchmarks.gateway", "sparsity": 50, "round_to": 8}).write(version / MANIFEST_FILE)
     return version
 
 
@@ -128,10 +133,11 @@ def encode(image: np.ndarray, fmt: str) -> bytes:
 # --- in-process ONNX Runtime ----------------------------------------------------------------------
 
 
-def ort_sessions(onnx_path: Path, threads: int) -> dict[str, ort.InferenceSession]:
+def ort_sessions(onnx_path: Path, threads: int, outputs: list[str] | None) -> dict[str, ort.InferenceSession]:
     """ONNX Runtime with each spinning mode of the gateway's (`parsimony.onnxrt.SPINNING`), configured
-    as the gateway configures its own: latency is compared with the gateway's mode, throughput with the best."""
-    return {mode: onnxrt.session(onnx_path, threads=threads, spinning=mode) for mode in onnxrt.SPINNING}
+    as the gateway configures its own: latency is compared with the gateway's mode, throughput with the best.
+    ``outputs``: the graph pruned to the outputs the gateway asks for (a final graph's answers)."""
+    return {mode: onnxrt.session(onnx_path, threads=threads, spinning=mode, outputs=outputs) for mode in onnxrt.SPINNING}
 
 
 def ort_throughput(sessions: dict[str, ort.InferenceSession], x: np.ndarray, args) -> dict:
@@ -149,12 +155,12 @@ def ort_throughput(sessions: dict[str, ort.InferenceSession], x: np.ndarray, arg
             "throughput": by_spinning}
 
 
-def decode_ms(image: np.ndarray, args) -> dict[str, float]:
-    """In-process PIL decode + preprocess of the image as PNG and as JPEG."""
+def decode_ms(image: np.ndarray, meta: ModelMetadata, args) -> dict[str, float]:
+    """In-process PIL decode of the image as PNG and as JPEG, and what the gateway does to the pixels."""
     out = {}
     for fmt in ("PNG", "JPEG"):
         data = encode(image, fmt)
-        out[fmt] = median_ms(lambda d=data: preprocess(np.asarray(Image.open(io.BytesIO(d)))),
+        out[fmt] = median_ms(lambda d=data: model_input(np.asarray(Image.open(io.BytesIO(d))), meta),
                              repeats=max(args.calls, 20), min_time=0.2)
     return out
 
@@ -257,11 +263,12 @@ def alternating_throughput(port: int, request: pb.PredictRequest, session: ort.I
     return ort_images / ort_seconds, {"images_per_s": requests / seconds, "requests": requests, "mean_batch": mean_batch}
 
 
-def measure(repo: Path, name: str, image: np.ndarray, onnx_path: Path, args) -> tuple[dict, dict]:
+def measure(repo: Path, name: str, image: np.ndarray, version: Path, args) -> tuple[dict, dict]:
     """In-process ONNX Runtime and the gateway on the same model: (ORT results, gateway results)."""
-    x = preprocess(image)[None]
-    sessions = ort_sessions(onnx_path, args.threads)
-    ort_result = {**ort_throughput(sessions, x, args), "decode_ms": decode_ms(image, args)}
+    meta = metadata(version, name)
+    x = graph_input(meta, image[None])
+    sessions = ort_sessions(version / ONNX_FILE, args.threads, list(call_outputs(meta)) if meta.final else None)
+    ort_result = {**ort_throughput(sessions, x, args), "decode_ms": decode_ms(image, meta, args)}
     max_batch = args.max_batch or ort_result["best_batch"]
     extra = ["--ort-spinning", args.ort_spinning]
     proc, port = start_gateway(repo, name, args.threads, max_batch, extra)
@@ -315,9 +322,9 @@ def run_model(key: str, args) -> dict:
     image = test_image(size)
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         repo = Path(tmp)
-        version = prepare_model(key, size, repo, args.seed)
+        version = prepare_model(key, size, repo, args.seed, args.raw_outputs)
         log.info("%s %dx%d: exported; measuring ONNX Runtime in process, the gateway and the gRPC floor", key, *size)
-        ort_result, gateway = measure(repo, key, image, version / ONNX_FILE, args)
+        ort_result, gateway = measure(repo, key, image, version, args)
     ort_p50, gw_p50, floor = ort_result["p50_ms"], gateway["tensor"]["p50_ms"], gateway["floor"]["p50_ms"]
     best = ort_result["best_throughput"]
     ratios = {"p50": gw_p50 / ort_p50, "p50_without_transport": (gw_p50 - floor) / ort_p50,
@@ -348,6 +355,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None,
                    help="alternating rounds of ORT and the gateway, for latency and for throughput (default 6; quick 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the zeroed channels")
+    p.add_argument("--raw-outputs", action="store_true",
+                   help="serve the raw graph (float32 input, post-processed by the gateway) instead of the final one")
     p.add_argument("--ort-spinning", choices=list(onnxrt.SPINNING), default=default("ort_spinning"),
                    help=f"the gateway's --ort-spinning, and ORT's in process for the latency "
                         f"(default {default('ort_spinning')}, the gateway's)")

@@ -158,7 +158,9 @@ def ort_providers(onnx_path: Path, dry_run: bool) -> Callable[[Path], dict]:
             session = onnxrt.session(onnx_path, providers=[provider])  # the gateway's options, this provider
             inp = session.get_inputs()[0]
             for batch in (1, 8):
-                x = np.random.default_rng(0).random((batch, *inp.shape[1:]), dtype=np.float32)
+                shape, rng = (batch, *inp.shape[1:]), np.random.default_rng(0)
+                x = (rng.integers(0, 256, shape, dtype=np.uint8) if inp.type == "tensor(uint8)"  # a final graph
+                     else rng.random(shape, dtype=np.float32))
                 feed = {inp.name: x}
                 out[f"{provider}_b{batch}_ms"] = _median_ms(lambda s=session, f=feed: s.run(None, f))
             out[f"{provider}_active"] = session.get_providers()[0]

@@ -10,9 +10,10 @@ Both paths run the same ``model.onnx``:
   serves the python-backend model that ``python -m serving.convert RUN --format python`` writes
   (ONNX Runtime inside the stub process, one CPU instance, dynamic batching up to ``--max-batch``
   with the converter's 100 µs queue delay). Requests go over tritonclient gRPC, one shared client,
-  batch 1, every task output requested and decoded to numpy.
-- **in-process**: one ``onnxruntime.InferenceSession`` in this process, called with the same batch-1
-  image. At concurrency 8, eight threads share the session; as a reference, one caller also runs
+  batch 1, the outputs the gateway asks for by default requested and decoded to numpy (a final
+  graph's answers; a raw graph's head outputs).
+- **in-process**: one ``onnxruntime.InferenceSession`` in this process over the whole graph (as the
+  python backend's), called with the same batch-1 image and asked for the same outputs. At concurrency 8, eight threads share the session; as a reference, one caller also runs
   whole batches (the best of the preferred batch sizes), which is what the dynamic batcher aims at.
 
 ONNX Runtime gets the same threads in both paths: ``--threads`` intra-op threads (default: every
@@ -26,10 +27,11 @@ request when the previous one returns). Load on a shared machine drifts, so the 
 each round measures Triton and in-process back to back, in reversed order every other round, and
 the table pools the rounds. Before timing, Triton's outputs are checked against the in-process ones.
 
-Model: without ``--run``, the demo's model (``tiny`` encoder, synthetic-scenes tasks,
-96x128), untrained: 50 % of its encoder channels zeroed at random and compacted (round_to 8), as
-in `benchmarks.compaction` (weights do not change the cost), then exported with `export_onnx` and a
-manifest, as ``training.export`` does.
+Model: without ``--run``, the demo's model (``tiny`` encoder, synthetic-scenes tasks: segmentation,
+depth, normal; 96x128), untrained: 50 % of its encoder channels zeroed at random and compacted
+(round_to 8), as in `benchmarks.compaction` (weights do not change the cost), then exported with
+`export_onnx` and a manifest, as ``training.export`` does: the final graph (uint8 pixels in, the
+answers out), or with ``--raw-outputs`` the raw one (`benchmarks._final_models`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
 
+from benchmarks._final_models import CASES, call_outputs, export_pair, metadata
 from parsimony import onnxrt
 from parsimony.io import atomic_write_json
 from serving.convert import ConvertError, ExportedModel, convert, load_export
@@ -63,8 +67,6 @@ from training.timing import sample_ms
 
 log = logging.getLogger("benchmarks.triton")
 MODEL_NAME = "bench"
-DEMO_ENCODER, DEMO_SIZE = "tiny", (96, 128)  # the demo's encoder, at benchmarks.compaction's size
-SPARSITY, ROUND_TO = 50, 8
 PATHS = {"ort": "in-process ONNX Runtime", "triton": "Triton, python backend (gRPC)"}
 Call = Callable[[np.ndarray], object]
 
@@ -102,53 +104,45 @@ class Tally:
 # --- the model --------------------------------------------------------------------------------
 
 
-def build_demo_run(directory: Path, seed: int = 0) -> Path:
-    """An exported run (``compact/``, ``model.onnx``, ``manifest.json``) of the demo model (module doc)."""
-    import torch
-
-    from benchmarks.compaction import sparsify
-    from parsimony.layout import COMPACT_DIR, MANIFEST_FILE, ONNX_FILE
-    from training.compaction import compact, save_compact
-    from training.data.synthetic_scenes import TASKS
-    from training.export import export_onnx
-    from training.export.manifest import build_manifest, write_manifest
-    from training.export.spec import io_spec
-    from training.models import create_model
-
-    torch.manual_seed(seed)
-    dense = create_model(encoder=DEMO_ENCODER, tasks=TASKS, name=f"{DEMO_ENCODER}-{'-'.join(t.name for t in TASKS)}")
-    small, plan = compact(sparsify(dense.eval(), SPARSITY, seed), round_to=ROUND_TO)
-    save_compact(small, plan, directory / COMPACT_DIR)
-    report = export_onnx(small, directory / ONNX_FILE, image_size=DEMO_SIZE)
-    extra = {"benchmark": f"the demo's model, untrained, {SPARSITY} % of its encoder channels removed "
-                          f"(round_to {ROUND_TO})",
-             "compaction": {"round_to": plan.round_to, "widths": plan.widths()}}
-    write_manifest(directory / MANIFEST_FILE, build_manifest(small, io_spec(small.config, DEMO_SIZE),
-                                                             image_size=DEMO_SIZE, report=report, extra=extra))
+def build_demo_run(directory: Path, seed: int = 0, raw_outputs: bool = False) -> Path:
+    """An exported run (``model.onnx``, ``manifest.json``) of the demo model (module doc): the final
+    graph, or with ``raw_outputs`` the raw one."""
+    export_pair("demo", CASES["demo"].image_size, {"raw" if raw_outputs else "final": directory}, seed)
     return directory
 
 
 def example_images(export: ExportedModel, batch: int, seed: int = 0) -> np.ndarray:
-    shape = export.spec.inputs[0].concrete_shape(batch)
-    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+    """A batch of random images as the graph takes them: uint8 pixels, or float32 in [0, 1)."""
+    image = export.spec.inputs[0]
+    rng = np.random.default_rng(seed)
+    if image.dtype == "uint8":
+        return rng.integers(0, 256, image.concrete_shape(batch), dtype=np.uint8)
+    return rng.random(image.concrete_shape(batch), dtype=np.float32)
+
+
+def requested_outputs(export: ExportedModel) -> list[str]:
+    """What both paths ask for: the gateway's default call (`benchmarks._final_models.call_outputs`:
+    each task's answer from a final graph; every head output from a raw one)."""
+    return list(call_outputs(metadata(export.directory, MODEL_NAME)))
 
 
 # --- the two paths ----------------------------------------------------------------------------
 
 
 def ort_call(export: ExportedModel, threads: int) -> Call:
-    """A session configured as the python backend's (its config carries `parsimony.onnxrt.session_settings`)."""
+    """A session configured as the python backend's (its config carries `parsimony.onnxrt.session_settings`;
+    like the python backend's, over the whole graph, asked for the same outputs)."""
     session = onnxrt.session(export.onnx_path, threads=threads)
-    name, outputs = export.spec.input_names[0], list(export.spec.output_names)
+    name, outputs = export.spec.input_names[0], requested_outputs(export)
     return lambda images: session.run(outputs, {name: images})
 
 
 def triton_call(client: grpcclient.InferenceServerClient, export: ExportedModel) -> Call:
-    name, outputs = export.spec.input_names[0], list(export.spec.output_names)
+    name, outputs = export.spec.input_names[0], requested_outputs(export)
     requested = [grpcclient.InferRequestedOutput(o) for o in outputs]
 
     def call(images: np.ndarray) -> list[np.ndarray]:
-        tensor = grpcclient.InferInput(name, list(images.shape), "FP32")
+        tensor = grpcclient.InferInput(name, list(images.shape), np_to_triton_dtype(images.dtype))
         tensor.set_data_from_numpy(images)
         result = client.infer(MODEL_NAME, [tensor], outputs=requested)
         return [result.as_numpy(o) for o in outputs]
@@ -160,6 +154,7 @@ def check_agreement(paths: dict[str, Call], images: np.ndarray, rtol: float = 1e
     """Refuse to time two paths that do not compute the same outputs."""
     want, got = paths["ort"](images), paths["triton"](images)
     for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        w, g = w.astype(np.float64), g.astype(np.float64)
         bound = rtol * max(float(np.abs(w).max()), 1e-6)
         if g.shape != w.shape or float(np.abs(g - w).max()) > bound:
             raise RuntimeError(f"Triton's output {i} differs from in-process ONNX Runtime; refusing to time it")
@@ -277,9 +272,9 @@ def environment(install: TritonInstall, client: grpcclient.InferenceServerClient
             "tritonserver": client.get_server_metadata().version, "tritonclient": version("tritonclient"),
             "model": manifest.model_name,
             "source": manifest.extra.get("benchmark") or f"run {export.directory}",
-            "image_size": list(export.spec.inputs[0].concrete_shape(1)[-2:]),
+            "image_size": list(export.manifest.image_size),
             "parameters": manifest.complexity.parameters, "macs": manifest.complexity.macs,
-            "outputs": list(export.spec.output_names)}
+            "outputs": requested_outputs(export), "graph": "final" if export.manifest.final else "raw"}
 
 
 def table(summary: dict, s: Settings) -> str:
@@ -304,7 +299,7 @@ def report(env: dict, summary: dict, s: Settings) -> str:
         f"- {env['date']}; `{env['command']}`",
         f"- {env['machine']}; client, server and in-process session share these cores",
         f"- model: {env['source']}, {env['parameters'] / 1e6:.3f} M parameters, {env['macs'] / 1e9:.3f} GMACs/image, "
-        f"outputs {', '.join(env['outputs'])} (all requested)",
+        f"{env['graph']} graph, outputs {', '.join(env['outputs'])} requested (what the gateway asks for by default)",
         f"- onnxruntime {env['onnxruntime']} in-process, {env['triton_onnxruntime']} in Triton's python backend; "
         f"tritonserver {env['tritonserver']}, tritonclient {env['tritonclient']} (gRPC); CPUExecutionProvider, "
         f"**{s.threads} intra-op thread(s) in both paths**, sequential execution",
@@ -326,6 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, help="an exported run (model.onnx, manifest.json); default: build the demo model")
     p.add_argument("--quick", action="store_true", help="2 short rounds: a smoke test of about a minute")
+    p.add_argument("--raw-outputs", action="store_true", help="build the demo model's raw graph instead of its final one")
     p.add_argument("--rounds", type=int, help="alternating rounds (default 6; --quick 2)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="ONNX Runtime intra-op threads, in both paths (default: all available cores)")
@@ -352,7 +348,7 @@ def serving_options(s: Settings) -> ServingOptions:
 
 def benchmark(args: argparse.Namespace, argv: list[str], s: Settings, tmp: Path) -> tuple[dict, dict]:
     install = TritonInstall.locate()  # before building anything: a missing server fails fast
-    run = args.run or build_demo_run(tmp / "run")
+    run = args.run or build_demo_run(tmp / "run", raw_outputs=args.raw_outputs)
     export = load_export(run)
     convert(run, tmp / "model_repository", MODEL_NAME, serving_options(s))
     with start_tritonserver(tmp / "model_repository", extra_args=("--disable-auto-complete-config",)) as server, \
