@@ -3,8 +3,9 @@
 `export_onnx` exports the final graph by default (uint8 pixels in, each task's answer out, pre- and
 post-processing inside: `training.export.final_graph`), ``float_input`` the same graph on float32
 ``[N, C, H, W]`` images in [0, 1], and ``raw_outputs`` the raw graph (float32 images in, each
-task's head output named by the task). It traces a float32 CPU copy of the model in eval mode with the TorchScript exporter
-(``dynamo=False``: it needs no onnxscript and behaves the same on torch 2.9 to 2.14), names every
+task's head output named by the task). It traces a float32 CPU copy of the model in eval mode with
+the TorchScript exporter (``dynamo=False``: it needs no onnxscript and behaves the same on torch 2.9
+to 2.14), names every
 tensor from the `ModelIOSpec`, makes the batch dimension dynamic and writes the spec's fixed dims
 into the graph outputs (the tracer leaves the dims of upsampled maps symbolic). The graph is written
 to a temporary file next to ``path`` and renamed into place only after every check passed, so a
@@ -45,6 +46,7 @@ from parsimony.io import staged
 from parsimony.spec import DYNAMIC, ModelIOSpec
 from parsimony.tasks import GraphOutput
 from training.export.checks import (
+    FINAL_ATOL,
     FINAL_RTOL,
     FLIP_FRACTION,
     Check,
@@ -66,9 +68,9 @@ DEFAULT_RTOL = 1e-4
 TOLERANCE_RULE = "max|ort - torch| <= atol + rtol * max|torch|, per output and batch size"
 FINAL_RULES = {
     "raw": f"TASK_raw: {TOLERANCE_RULE}",
-    "float32": f"max|ort - ref| <= {FINAL_RTOL:g} * max|ref| + the raw output's max|ort - torch|, ref = the "
-               f"reference post-processing (parsimony.tasks Kind.postprocess) of PyTorch's raw output; and within "
-               f"{FINAL_RTOL:g} * max|ref| of the reference on ONNX Runtime's own raw output",
+    "float32": f"max|ort - ref| <= {FINAL_ATOL:g} + {FINAL_RTOL:g} * max|ref| + the raw output's max|ort - torch|, "
+               f"ref = the reference post-processing (parsimony.tasks Kind.postprocess) of PyTorch's raw output; and "
+               f"within {FINAL_ATOL:g} + {FINAL_RTOL:g} * max|ref| of the reference on ONNX Runtime's own raw output",
     "float16": "the error beyond 2^-10 |ref| + 2^-24 (two float16 roundings) within the float32 bound x (1 + 2^-11)",
     "exact": f"equal to the reference on ONNX Runtime's own raw output everywhere; unequal to that on PyTorch's at "
              f"no more than {FLIP_FRACTION:g} of the elements (near ties)",
@@ -134,7 +136,7 @@ class ExportReport:
             "file": self.path.name,
             "opset": self.opset,
             "exporter": f"torch.onnx.export (TorchScript, dynamo=False), torch {torch.__version__}",
-            "check": check | ({"final_rtol": FINAL_RTOL, "flip_fraction": FLIP_FRACTION, "final_rules": FINAL_RULES}
+            "check": check | ({"final_atol": FINAL_ATOL, "final_rtol": FINAL_RTOL, "flip_fraction": FLIP_FRACTION, "final_rules": FINAL_RULES}
                               if self.final else {}),
             "max_abs_error": self.max_abs_error(),
             "max_rel_error": self.max_rel_error(),
