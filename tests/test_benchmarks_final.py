@@ -66,6 +66,8 @@ def test_timed_parts_report_each_graph(quick_run):
         assert x["cpu_ms"] > 0 and x["forward_ms"] > 0
         assert x["own_cpu_ms"] == pytest.approx(x["cpu_ms"] - x["forward_ms"])
         assert x["beyond_noop_ms"] == pytest.approx(x["own_cpu_ms"] - cpu["noop_cpu_ms"])
+        assert x["forward_cpu_ms"] > 0
+        assert x["own_cpu_by_forward_cpu_ms"] == pytest.approx(x["cpu_ms"] - x["forward_cpu_ms"])
     assert cpu["noop_cpu_ms"] > 0
     assert cpu["met"] == (cpu["ratio"] <= final_graph.CPU_TARGET)
     gateway = model["gateway"]
