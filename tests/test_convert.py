@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from tritonclient.grpc import model_config_pb2 as mc
 
 from parsimony import onnxrt
 from parsimony.manifest import load_manifest
@@ -63,19 +64,19 @@ def test_the_python_backend_gets_the_projects_onnxruntime_settings(exported_run,
     assert f'ORT_PARAMETER = "{ORT_PARAMETER}"' in template
 
 
-def test_python_format_layout_config_and_labels(exported_faces_run, tmp_path):
+def test_python_format_layout_config_and_labels(exported_raw_faces_run, tmp_path):
     repo = tmp_path / "repo"
-    assert run_cli(exported_faces_run, "--repository", repo, "--name", "faces", "--format", "python",
+    assert run_cli(exported_raw_faces_run, "--repository", repo, "--name", "faces", "--format", "python",
                    "--max-batch", "4", "--instances", "2") == 0
     version = repo / "faces" / "1"
     assert sorted(p.name for p in version.iterdir()) == ["manifest.json", "model.onnx", "model.py"]
-    assert (version / "model.onnx").read_bytes() == (exported_faces_run / "model.onnx").read_bytes()
-    assert (version / "manifest.json").read_bytes() == (exported_faces_run / "manifest.json").read_bytes()
+    assert (version / "model.onnx").read_bytes() == (exported_raw_faces_run / "model.onnx").read_bytes()
+    assert (version / "manifest.json").read_bytes() == (exported_raw_faces_run / "manifest.json").read_bytes()
     template = ROOT / "serving" / "python_backend" / "model.py"
     assert (version / "model.py").read_text() == template.read_text()
 
     config = config_of(repo, "faces")
-    manifest = load_manifest(exported_faces_run)
+    manifest = load_manifest(exported_raw_faces_run)
     assert (config.name, config.backend, config.platform, config.max_batch_size) == ("faces", "python", "", 4)
     assert config_io_spec(config) == manifest.tensor_spec
     config_io_spec(config).check_against_onnx(version / "model.onnx")
@@ -94,9 +95,9 @@ def test_python_format_layout_config_and_labels(exported_faces_run, tmp_path):
     assert (repo / "faces" / labelled["attributes"]).read_text().splitlines() == by_task["attributes"]["attribute_names"]
 
 
-def test_onnx_format_config_agrees_with_graph(exported_run, tmp_path):
+def test_onnx_format_config_agrees_with_graph(exported_raw_run, tmp_path):
     repo = tmp_path / "repo"
-    assert run_cli(exported_run, "--repository", repo, "--name", "scenes") == 0
+    assert run_cli(exported_raw_run, "--repository", repo, "--name", "scenes") == 0
     config = config_of(repo, "scenes")
     assert config.platform == "onnxruntime_onnx" and not config.backend
     assert [g.kind for g in config.instance_group] == [1]  # KIND_GPU
@@ -306,8 +307,8 @@ def test_preferred_batch_sizes():
     assert preferred_batch_sizes(8) == [2, 4, 8]
 
 
-def test_optimization_profile_and_trtexec_flags(exported_run):
-    spec = load_manifest(exported_run).tensor_spec
+def test_optimization_profile_and_trtexec_flags(exported_raw_run):
+    spec = load_manifest(exported_raw_run).tensor_spec
     assert optimization_profile(spec, 8) == {"image": ((1, 3, 32, 48), (8, 3, 32, 48), (8, 3, 32, 48))}
     args = trtexec_args(spec, BuildSettings(max_batch=4, fp16=True, tf32=False, timing_cache=Path("t.cache")),
                         "m.onnx", "m.plan")
@@ -326,7 +327,34 @@ def test_format_registry_is_consistent():
         assert ServingOptions(format=fmt.name).device == fmt.default_device
 
 
-def test_label_files_follow_the_manifest(exported_faces_run):
-    files = label_files(load_manifest(exported_faces_run))
+def test_label_files_follow_the_manifest(exported_raw_faces_run):
+    files = label_files(load_manifest(exported_raw_faces_run))
     assert set(files) == {"segmentation", "attributes"}
     assert files["attributes"][0] == "attributes_labels.txt"
+
+
+def test_a_final_graphs_config_has_its_dtypes_and_labels_on_every_channel_output(exported_faces_run, tmp_path):
+    """A final graph: uint8 [H, W, 3] pixels in (warm-up included), typed answers out, the class and
+    attribute names on each output with one channel per class or attribute."""
+    repo = tmp_path / "repo"
+    assert run_cli(exported_faces_run, "--repository", repo, "--name", "faces", "--format", "python") == 0
+    config = config_of(repo, "faces")
+    manifest = load_manifest(exported_faces_run)
+    assert config_io_spec(config) == manifest.tensor_spec and manifest.final
+    assert [(i.name, mc.DataType.Name(i.data_type), list(i.dims)) for i in config.input] == \
+        [("image", "TYPE_UINT8", [32, 48, 3])]
+    assert all(list(w.inputs["image"].dims) == [32, 48, 3] and w.inputs["image"].data_type == mc.TYPE_UINT8
+               for w in config.model_warmup)
+    types = {o.name: mc.DataType.Name(o.data_type) for o in config.output}
+    assert (types["segmentation"], types["segmentation_probabilities_fp16"], types["attributes"]) == \
+        ("TYPE_UINT8", "TYPE_FP16", "TYPE_FP32")
+    labelled = {o.name: o.label_filename for o in config.output if o.label_filename}
+    assert labelled == {"segmentation_probabilities": "segmentation_labels.txt",
+                        "segmentation_probabilities_fp16": "segmentation_labels.txt",
+                        "segmentation_raw": "segmentation_labels.txt", "attributes": "attributes_labels.txt",
+                        "attributes_raw": "attributes_labels.txt"}
+    by_task = {t.name: t for t in manifest.task_infos}
+    for task in ("segmentation", "attributes"):
+        assert (repo / "faces" / f"{task}_labels.txt").read_text().splitlines() == list(by_task[task].labels)
+    assert label_files(manifest)["attributes"] == ("attributes_labels.txt",
+                                                   "".join(f"{n}\n" for n in by_task["attributes"].labels))

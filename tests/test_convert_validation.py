@@ -2,7 +2,9 @@
 the boundary; a damaged one ends the command with exit status 2 and one line naming the file and
 the field, no traceback, and the repository exactly as it was. metrics.json is not read.
 
-The property test mutates a copy of a real exported run (the session fixture in conftest.py).
+The property test mutates a copy of a real exported run (the session fixtures in conftest.py), of
+a final graph (its manifest's ``graph`` section included) and of a raw one; the table of damages
+and the messages they give are for each kind of graph.
 """
 
 from __future__ import annotations
@@ -55,12 +57,27 @@ def convert_in_process(run: Path, repo: Path) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def base(exported_run, tmp_path_factory) -> Path:
-    """``run/`` (the export's files, with a digest) and ``repo/`` holding version 1 of ``scenes``."""
+def base(exported_raw_run, tmp_path_factory) -> Path:
+    """``run/`` (a raw graph's export files, with a digest) and ``repo/`` holding version 1 of ``scenes``."""
+    return _base(exported_raw_run, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def final_base(exported_run, tmp_path_factory) -> Path:
+    """The same of a final graph."""
+    return _base(exported_run, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bases(base, final_base) -> dict[str, Path]:
+    return {"raw": base, "final": final_base}
+
+
+def _base(exported: Path, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("validation")
     (root / "run").mkdir()
     for name in EXPORT_FILES:
-        shutil.copy2(exported_run / name, root / "run" / name)
+        shutil.copy2(exported / name, root / "run" / name)
     manifest = json.loads((root / "run" / "manifest.json").read_text())
     digest = hashlib.sha256((root / "run" / "model.onnx").read_bytes()).hexdigest()
     assert manifest.setdefault("onnx_sha256", digest) == digest
@@ -96,6 +113,8 @@ def read_paths(manifest: dict) -> list[tuple]:
     for i, task in enumerate(manifest["tasks"]):
         paths.append(("tasks", i))
         paths += [p for p in key_paths(task, ("tasks", i)) if len(p) > 2 and p[2] in READ_TASK_KEYS]
+    if "graph" in manifest:  # every field but "outputs", whose only value is its default
+        paths += [p for p in key_paths(manifest["graph"], ("graph",)) if p != ("graph", "outputs")]
     return paths
 
 
@@ -132,11 +151,12 @@ def damaged_bytes(data: bytes, draw) -> bytes:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(data=st.data(), existing=st.booleans())
-def test_damaged_export_is_refused_and_nothing_is_written(base, data, existing):
+@pytest.mark.parametrize("graph", ["final", "raw"])
+def test_damaged_export_is_refused_and_nothing_is_written(bases, graph, data, existing):
     """Property: any damage to manifest.json or model.onnx (a read field deleted or of another type,
     the file truncated, a byte changed) -> exit 2, an error naming the file, the repository unchanged."""
     target = data.draw(st.sampled_from(["manifest fields", "manifest bytes", "onnx bytes"]))
-    with workspace(base, existing) as (run, repo):
+    with workspace(bases[graph], existing) as (run, repo):
         manifest_path, onnx_path = run / "manifest.json", run / "model.onnx"
         if target == "manifest fields":
             manifest = json.loads(manifest_path.read_text())
@@ -187,22 +207,46 @@ def test_damaged_onnx_of_an_older_export_never_crashes(base, data):
             assert "model.onnx" in errors[0] and snapshot(repo) == repo_before, err
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda m: m.update(tasks={"segmentation": {}}), "field 'tasks'"),
-    (lambda m: m["tasks"][0].pop("channels"), "tasks.0.channels"),
-    (lambda m: m["tasks"][0].update(channels="7"), "tasks.0.channels"),
-    (lambda m: m["tasks"][0].update(channels=8), "tasks.0.channels': 8, but io_spec"),
-    (lambda m: m["tasks"][0]["class_names"].pop(), "tasks.0.class_names': a segmentation task needs a list of 7"),
-    (lambda m: m["tasks"][1].update(kind="height"), "tasks.1.kind"),
-    (lambda m: m["tasks"].pop(), "no task describes the outputs ['normal']"),
-    (lambda m: m.pop("io_spec"), "io_spec"),
-    (lambda m: m["io_spec"]["inputs"][0].update(shape=[-1, 3, 32]), "io_spec"),
-    (lambda m: m.update(onnx_sha256="0" * 64), "is not the graph"),
-    (lambda m: m.update(onnx_sha256=12), "onnx_sha256"),
-    (lambda m: m.update(format_version=True), "format_version"),
-])
-def test_damaged_manifest_names_the_field(base, damage, message):
-    with workspace(base, existing=False) as (run, repo):
+def _drop_output(manifest: dict, name: str) -> None:
+    manifest["io_spec"]["outputs"] = [t for t in manifest["io_spec"]["outputs"] if t["name"] != name]
+    manifest["graph"]["tensors"] = [t for t in manifest["graph"]["tensors"] if t["name"] != name]
+
+
+def _tensor(manifest: dict, name: str) -> dict:
+    return next(t for t in manifest["graph"]["tensors"] if t["name"] == name)
+
+
+DAMAGES = {  # graph kind -> (what is done to the manifest, what the error must say)
+    "raw": [
+        (lambda m: m.update(tasks={"segmentation": {}}), "field 'tasks'"),
+        (lambda m: m["tasks"][0].pop("channels"), "tasks.0.channels"),
+        (lambda m: m["tasks"][0].update(channels="7"), "tasks.0.channels"),
+        (lambda m: m["tasks"][0].update(channels=8), "tasks.0.channels': 8, but io_spec"),
+        (lambda m: m["tasks"][0]["class_names"].pop(), "tasks.0.class_names': a segmentation task needs a list of 7"),
+        (lambda m: m["tasks"][1].update(kind="height"), "tasks.1.kind"),
+        (lambda m: m["tasks"].pop(), "no task describes the outputs ['normal']"),
+        (lambda m: m.pop("io_spec"), "io_spec"),
+        (lambda m: m["io_spec"]["inputs"][0].update(shape=[-1, 3, 32]), "io_spec"),
+        (lambda m: m.update(onnx_sha256="0" * 64), "is not the graph"),
+        (lambda m: m.update(onnx_sha256=12), "onnx_sha256"),
+        (lambda m: m.update(format_version=True), "format_version"),
+    ],
+    "final": [
+        (lambda m: m["tasks"][0].update(channels=8), "graph.tensors.1': io_spec gives output 'segmentation_probabilities'"),
+        (lambda m: m["tasks"][0]["class_names"].pop(), "tasks.0.class_names': a segmentation task needs a list of 7"),
+        (lambda m: _tensor(m, "depth").update(field="metres"), "a depth answer has no field 'metres'"),
+        (lambda m: _tensor(m, "depth_fp16").update(dtype="float32"), "io_spec gives output 'depth_fp16' dtype and shape"),
+        (lambda m: m["graph"]["tensors"].pop(), "no entry describes the outputs ['normal_raw']"),
+        (lambda m: _drop_output(m, "depth_fp16"), "task 'depth' has no output for its depth in float16"),
+        (lambda m: m["graph"].update(input_dtype="float32"), "io_spec.inputs"),
+        (lambda m: m.pop("graph"), "io_spec.inputs"),
+    ],
+}
+
+
+@pytest.mark.parametrize("graph, damage, message", [(g, d, m) for g, table in DAMAGES.items() for d, m in table])
+def test_damaged_manifest_names_the_field(bases, graph, damage, message):
+    with workspace(bases[graph], existing=False) as (run, repo):
         manifest = json.loads((run / "manifest.json").read_text())
         damage(manifest)
         (run / "manifest.json").write_text(json.dumps(manifest))

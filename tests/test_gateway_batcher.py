@@ -267,8 +267,8 @@ def _ort_backend(run_dir, **kw) -> OnnxRuntimeBackend:
     return create_backend("onnxruntime", run_dir, meta, **kw)
 
 
-def test_onnxruntime_backend_matches_a_plain_session(exported_run):
-    backend = _ort_backend(exported_run, max_batch_size=4, threads=1, warmup_batch_sizes=(1, 4))
+def test_onnxruntime_backend_matches_a_plain_session(exported_raw_run):
+    backend = _ort_backend(exported_raw_run, max_batch_size=4, threads=1, warmup_batch_sizes=(1, 4))
     x = np.random.default_rng(0).random((3, *backend.metadata.input_shape), dtype=np.float32)
 
     async def body():
@@ -280,7 +280,7 @@ def test_onnxruntime_backend_matches_a_plain_session(exported_run):
 
     got = run(body())
     assert set(got) == {"depth", "segmentation"} and backend.kind == "onnxruntime"
-    session = ort.InferenceSession(str(exported_run / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(exported_raw_run / "model.onnx"), providers=["CPUExecutionProvider"])
     want = dict(zip(["depth", "segmentation"], session.run(["depth", "segmentation"], {"image": x}), strict=True))
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)

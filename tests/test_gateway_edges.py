@@ -5,8 +5,9 @@ The gateway dispatches every task through its kind (`parsimony.tasks`): the edge
 boundary probabilities come back over gRPC (``TaskOutput.edges``) and HTTP (``{"kind": "edges"}``)
 without a line of serving code naming the kind. Two models: one built by hand (`hand_built_export`,
 independent of the training side) and one trained, sparsified, compacted and exported by the real
-``training.run`` (its weights then redrawn, so that every output depends on its image). The
-``probabilities`` flag (and its older spelling ``segmentation_probabilities``) asks for the
+``training.run`` (its weights then redrawn, so that every output depends on its image), both raw
+graphs, so that the answers are checked against the logits (`test_gateway_final` and
+`test_triton_direct` serve the edges kind from final graphs). The ``probabilities`` flag (and its older spelling ``segmentation_probabilities``) asks for the
 probability maps of every kind that has them.
 
 The Triton half needs ``.venv-triton`` (``make triton-venv``); it skips only with ``PARSIMONY_SKIP_TRITON=1``.
@@ -44,7 +45,7 @@ def run(request, tmp_path_factory):
     assert run_main(["--dataset", "synthetic-scenes", "--tasks", tasks, "--encoder", "tiny", "--image-size", *map(str, SIZE),
                      "--train-samples", "16", "--val-samples", "8", "--batch-size", "8", "--epochs", "1",
                      "--out", str(root / "trained")]) == 0
-    return randomised_copy(root / "trained", root / "scenes4", seed=6)
+    return randomised_copy(root / "trained", root / "scenes4", seed=6, raw_outputs=True)
 
 
 @pytest.fixture(scope="module")

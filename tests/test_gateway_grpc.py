@@ -1,5 +1,8 @@
 """The gateway over real gRPC sockets: every RPC, typed outputs checked against ONNX Runtime, health,
-reflection, and every error case with its status code (the server keeps serving after each)."""
+reflection, and every error case with its status code (the server keeps serving after each).
+
+The models are raw graphs (each task's head output), so the outputs check the gateway's own
+post-processing against ONNX Runtime's logits; `test_gateway_final` covers final graphs."""
 
 from __future__ import annotations
 
@@ -25,10 +28,10 @@ LIMIT = 64 << 10
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, exported_run, exported_faces_run):
+def repo(tmp_path_factory, exported_raw_run, exported_raw_faces_run):
     root = tmp_path_factory.mktemp("repo")
-    publish_version(root, "scenes", exported_run, 1)
-    publish_version(root, "faces", exported_faces_run, 1)
+    publish_version(root, "scenes", exported_raw_run, 1)
+    publish_version(root, "faces", exported_raw_faces_run, 1)
     return root
 
 
@@ -54,10 +57,10 @@ def code_of(call) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
-def test_predict_png_returns_every_task_typed_and_matches_onnxruntime(gw, exported_run):
+def test_predict_png_returns_every_task_typed_and_matches_onnxruntime(gw, exported_raw_run):
     data = image_bytes(SIZE, "PNG")
     response = predict(gw, model="scenes", encoded_image=data)
-    want = reference(exported_run, decoded(data))
+    want = reference(exported_raw_run, decoded(data))
     assert (response.model, response.model_version) == ("scenes", 1)
     assert set(response.outputs) == {"segmentation", "depth", "normal"}
     seg = response.outputs["segmentation"].segmentation
@@ -97,22 +100,22 @@ def test_subset_float16_and_probabilities(gw):
     assert tensor_of(response.outputs["normal"].normal.normal).dtype == np.float16
 
 
-def test_attributes_come_back_by_name(gw, exported_faces_run):
+def test_attributes_come_back_by_name(gw, exported_raw_faces_run):
     data = image_bytes(SIZE, seed=5)
     response = predict(gw, model="faces", encoded_image=data)
-    task = next(t for t in load_manifest(exported_faces_run).to_dict()["tasks"] if t["kind"] == "attributes")
+    task = next(t for t in load_manifest(exported_raw_faces_run).to_dict()["tasks"] if t["kind"] == "attributes")
     probabilities = dict(response.outputs[task["name"]].attributes.probabilities)
     assert list(probabilities) == task["attribute_names"] or set(probabilities) == set(task["attribute_names"])
-    logits = reference(exported_faces_run, decoded(data))[task["name"]]
+    logits = reference(exported_raw_faces_run, decoded(data))[task["name"]]
     want = 1 / (1 + np.exp(-logits.astype(np.float64)))
     np.testing.assert_allclose([probabilities[n] for n in task["attribute_names"]], want, rtol=1e-5, atol=1e-6)
 
 
-def test_list_and_get_model(gw, exported_run):
+def test_list_and_get_model(gw, exported_raw_run):
     listed = gw.stub.ListModels(pb.ListModelsRequest())
     assert sorted(m.name for m in listed.models) == ["faces", "scenes"]
     info = gw.stub.GetModel(pb.GetModelRequest(name="scenes"))
-    manifest = load_manifest(exported_run).to_dict()
+    manifest = load_manifest(exported_raw_run).to_dict()
     assert (info.version, info.ready, info.backend) == (1, True, "onnxruntime")
     assert (info.input.height, info.input.width, info.input.channels, info.input.color) == (32, 48, 3, "RGB")
     assert list(info.input.encodings) == ["png", "jpeg"]

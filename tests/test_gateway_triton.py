@@ -177,7 +177,7 @@ def test_backend_honours_the_deadline_of_a_batch(repository, triton, fronted):
                                 warmup_batch_sizes=())
         await backend.load()
         try:
-            batch = np.zeros((1, *metadata.input_shape), np.float32)
+            batch = metadata.blank_batch(1)
             started = time.perf_counter()
             with pytest.raises(DeadlineExceeded, match="deadline"):
                 await backend.infer(batch, metadata.io_spec.output_names, deadline=started + 0.3)
@@ -207,7 +207,7 @@ def test_unavailable_is_retried_with_backoff_then_reported(repository, fronted):
         backend = TritonBackend(version_dir, metadata, url="127.0.0.1:1", retries=3, retry_backoff_s=0.001)
         backend._client, backend._loaded, backend._healthy = Answers(failures), True, True
         try:
-            out = await backend.infer(np.zeros((1, *metadata.input_shape), np.float32), ["attributes"])
+            out = await backend.infer(metadata.blank_batch(1), ["attributes"])
         except BackendUnavailable as exc:
             return backend._client.calls, str(exc), backend.ready
         return backend._client.calls, sorted(out), backend.ready

@@ -4,8 +4,9 @@ HTTP, with the same class map, depth and normals as the gateway, byte for byte; 
 front of Triton answers byte-identically to the gateway running ONNX Runtime in process, asking
 Triton only for the tensors each call needs.
 
-The model is built by hand (`hand_built_export`: all five kinds, a uint8 ``[N, H, W, 3]`` input),
-so every answer depends on its image. Requests are sent one at a time, so both backends run the
+Two models: one built by hand (`hand_built_export`: all five kinds, a uint8 ``[N, H, W, 3]``
+input) and one trained and exported by the real ``training.run`` / ``training.export`` (its weights
+redrawn so that every answer depends on its image). Requests are sent one at a time, so both backends run the
 same batch of one (ONNX Runtime's results can depend on the batch size in the last bit).
 
 Needs ``.venv-triton`` (``make triton-venv``); skips only with ``PARSIMONY_SKIP_TRITON=1``.
@@ -24,7 +25,7 @@ import tritonclient.http as httpclient
 from gateway_support import EVERY_KIND as TASKS
 from gateway_support import RunningGateway, answers, decoded, hand_built_export, image_bytes
 from test_gateway_final import assert_identical
-from triton_server import require_triton, start_tritonserver
+from triton_server import randomised_copy, require_triton, start_tritonserver
 
 from parsimony.tasks import kind
 from serving.convert import convert
@@ -34,7 +35,8 @@ from serving.triton_config import ServingOptions
 SIZE = (32, 48)
 IMAGE = image_bytes(SIZE, seed=31)
 PIXELS = decoded(IMAGE)
-MODEL = "scenes"
+MODEL = "scenes"  # hand-built, every kind
+TRAINED = "trained"  # segmentation, depth, normal
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -44,10 +46,12 @@ def triton_install():
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory):
+def repository(exported_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("triton-direct")
-    export = hand_built_export(root / "export", TASKS, SIZE, seed=9, final=True)
-    convert(export, root / "model_repository", MODEL, ServingOptions(format="python", max_batch=4))
+    options = ServingOptions(format="python", max_batch=4)
+    convert(hand_built_export(root / "export", TASKS, SIZE, seed=9, final=True), root / "model_repository", MODEL,
+            options)
+    convert(randomised_copy(exported_run, root / "trained", seed=12), root / "model_repository", TRAINED, options)
     return root / "model_repository"
 
 
@@ -69,25 +73,25 @@ def clients(server):
 
 @pytest.fixture(scope="module")
 def embedded(repository):
-    with RunningGateway(repository=repository, models=(MODEL,)) as gw:
+    with RunningGateway(repository=repository, models=(MODEL, TRAINED)) as gw:
         yield gw
 
 
 @pytest.fixture(scope="module")
 def fronted(repository, server):
-    with RunningGateway(repository=repository, models=(MODEL,), backend="triton", triton_url=server.grpc_url,
+    with RunningGateway(repository=repository, models=(MODEL, TRAINED), backend="triton", triton_url=server.grpc_url,
                         max_batch=4) as gw:
         yield gw
 
 
-def gateway_answers(gw, protocol: str, **options) -> dict:
+def gateway_answers(gw, protocol: str, model: str = MODEL, **options) -> dict:
     """``{task: {field: value}}`` of one prediction of `IMAGE` over ``protocol``."""
     if protocol == "grpc":
-        return answers(gw.stub.Predict(pb.PredictRequest(model=MODEL, encoded_image=IMAGE, **options), timeout=30))
+        return answers(gw.stub.Predict(pb.PredictRequest(model=model, encoded_image=IMAGE, **options), timeout=30))
     query = {"probabilities": str(options.get("probabilities", False)).lower(),
              "output_dtype": "float16" if options.get("output_dtype") == pb.FLOAT16 else "float32"}
     with gw.http() as http:
-        body = http.post(f"/v1/models/{MODEL}:predict", params=query, content=IMAGE,
+        body = http.post(f"/v1/models/{model}:predict", params=query, content=IMAGE,
                          headers={"Content-Type": "image/png"}).json()
     return {task: {name: value if kind(out["kind"]).field(name).what == "map" else _array(value)
                    for name, value in out.items() if name != "kind" and value is not None}
@@ -98,12 +102,12 @@ def _array(tensor: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(tensor["data"]), tensor["dtype"]).reshape(tensor["shape"])
 
 
-def infer(client, outputs: list[str], pixels: np.ndarray = PIXELS) -> dict[str, np.ndarray]:
-    """One tritonclient call with ``pixels`` (uint8 ``[H, W, 3]``), reading ``outputs`` back."""
+def infer(client, outputs: list[str], model: str = MODEL) -> dict[str, np.ndarray]:
+    """One tritonclient call with `PIXELS` (uint8 ``[H, W, 3]``), reading ``outputs`` back."""
     module = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
-    image = module.InferInput("image", [1, *pixels.shape], "UINT8")
-    image.set_data_from_numpy(pixels[None])
-    result = client.infer(MODEL, [image], outputs=[module.InferRequestedOutput(n) for n in outputs])
+    image = module.InferInput("image", [1, *PIXELS.shape], "UINT8")
+    image.set_data_from_numpy(PIXELS[None])
+    result = client.infer(model, [image], outputs=[module.InferRequestedOutput(n) for n in outputs])
     return {n: result.as_numpy(n)[0] for n in outputs}
 
 
@@ -149,6 +153,22 @@ def test_tritonclient_gets_the_class_map_depth_and_normals_the_gateway_returns(c
     assert dict(zip(("Male", "Smiling"), direct["attributes"].tolist(), strict=True)) == \
         pytest.approx(float32["attributes"]["probabilities"], abs=0, rel=1e-7)
     assert len(np.unique(class_map)) > 1 and np.ptp(direct["depth"]) > 0  # answers that depend on the pixels
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_trained_export_answers_alike_through_tritonclient_the_gateway_and_triton(clients, embedded, fronted,
+                                                                                    protocol):
+    """The real export's final graph: tritonclient's class map, depth, normals and FP16 probabilities
+    are the gateway's bytes, and the gateway answers alike through Triton and in process."""
+    direct = infer(clients[protocol], ["segmentation", "depth", "normal", "segmentation_probabilities_fp16"], TRAINED)
+    in_process = gateway_answers(embedded, protocol, TRAINED, probabilities=True)
+    half = gateway_answers(embedded, protocol, TRAINED, probabilities=True, output_dtype=pb.FLOAT16)
+    for name, value in (("segmentation", in_process["segmentation"]["class_map"]),
+                        ("depth", in_process["depth"]["depth"]), ("normal", in_process["normal"]["normal"]),
+                        ("segmentation_probabilities_fp16", half["segmentation"]["probabilities"])):
+        assert direct[name].dtype == value.dtype and direct[name].tobytes() == value.tobytes(), name
+    assert_identical(gateway_answers(fronted, protocol, TRAINED, probabilities=True), in_process)
+    assert len(np.unique(direct["segmentation"])) > 1 and np.ptp(direct["depth"]) > 0
 
 
 def test_a_request_for_some_tasks_asks_triton_for_only_their_tensors(fronted):

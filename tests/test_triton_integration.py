@@ -8,7 +8,9 @@ PyTorch (the compact model) within tolerance.
 
 The session fixtures' strong λ leaves input-independent outputs, which would let a server that
 mixed up batch rows pass; the runs are therefore copied and their compact weights randomised
-(then exported again by the real ``training.export``), so every output depends on its image.
+(then exported again by the real ``training.export``, as raw graphs, whose outputs PyTorch's
+compact model gives directly), so every output depends on its image. `test_triton_direct` serves
+final graphs.
 
 Needs ``.venv-triton`` (``make triton-venv``); fails with that instruction when it is missing,
 and skips only with ``PARSIMONY_SKIP_TRITON=1``.
@@ -50,8 +52,8 @@ def triton_install():
 @pytest.fixture(scope="module")
 def runs(exported_run, exported_faces_run, tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("varied")
-    return {"scenes": randomised_copy(exported_run, base / "scenes", 1),
-            "faces": randomised_copy(exported_faces_run, base / "faces", 2)}
+    return {"scenes": randomised_copy(exported_run, base / "scenes", 1, raw_outputs=True),
+            "faces": randomised_copy(exported_faces_run, base / "faces", 2, raw_outputs=True)}
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,10 @@ def require_triton(venv: Path | None = None) -> TritonInstall:
         pytest.fail(str(exc), pytrace=False)
 
 
-def randomised_copy(src: Path, dst: Path, seed: int) -> Path:
+def randomised_copy(src: Path, dst: Path, seed: int, *, raw_outputs: bool = False) -> Path:
     """``src`` with its compact weights redrawn (He-normal convs, BN scales and shifts in [0.5, 1.5))
-    and exported again: model.onnx and manifest.json from the real export path."""
+    and exported again: model.onnx and manifest.json from the real export path (the final graph,
+    or with ``raw_outputs`` the raw one)."""
     shutil.copytree(src, dst)
     model = load_compact(dst / "compact")
     gen = torch.Generator().manual_seed(seed)
@@ -49,5 +50,5 @@ def randomised_copy(src: Path, dst: Path, seed: int) -> Path:
             else:
                 param.copy_(0.5 + torch.rand(param.shape, generator=gen))
     save_compact(model, load_plan(dst / "compact"), dst / "compact")
-    export_run(dst)
+    export_run(dst, raw_outputs=raw_outputs)
     return dst

@@ -9,8 +9,8 @@ What a backend must provide:
 - ``await load()``: make the model runnable and warm it up; afterwards ``ready`` is True;
 - ``await infer(batch, outputs, deadline)``: ``batch`` holds the images as the graph takes them
   (``metadata.input_dtype``: uint8 ``[N, H, W, C]`` pixels, or float32 ``[N, C, H, W]`` RGB in [0, 1]),
-  ``outputs`` the output tensor names wanted (only those are computed and moved), ``deadline`` the latest of the batch's request
-  deadlines (a ``time.perf_counter()`` value, None for none); returns ``{name: array [N, ...]}`` for
+  ``outputs`` the output tensor names wanted (only those are moved), ``deadline`` the latest of
+  the batch's request deadlines (a ``time.perf_counter()`` value, None for none); returns ``{name: array [N, ...]}`` for
   exactly those names (a remote server may answer in any order: outputs are always addressed by name);
 - ``ready`` and ``not_ready_reason``: whether requests can run now (a remote server can go away and
   come back after `load`; the gateway reports not-ready meanwhile) and, when not, why;
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -104,6 +105,14 @@ class OnnxRuntimeBackend(Backend):
     compete for the same cores, while one larger batch uses them better. ONNX Runtime releases the
     GIL while it runs, so the event loop keeps decoding and answering requests meanwhile.
 
+    ONNX Runtime runs every node of a graph whatever outputs a run asks for, so a final graph runs
+    in sessions over the graph pruned to the outputs a batch asks for (`parsimony.onnxrt.prune`):
+    unrequested probability maps, float16 copies and logits cost nothing. The session of the
+    default call (every task's primary field in float32) is made and warmed up at load; others are
+    made on first use (on the worker thread, so the event loop never waits for them) and the
+    ``max_sessions`` most recently used are kept. A raw graph runs in one session over the whole
+    graph, as it always did.
+
     ONNX Runtime's intra-op threads busy-wait for work ("spinning") between ops and, by default,
     for a while after a run. Between ops that is what makes a forward pass fast (a sleeping thread
     takes tens of microseconds to wake, once per parallel op); after a run it burns the cores that
@@ -113,6 +122,8 @@ class OnnxRuntimeBackend(Backend):
     (``session.force_spinning_stop``), ``"always"`` is ONNX Runtime's default, ``"never"`` sleeps
     between ops too.
     """
+
+    max_sessions = 8  # pruned sessions of a final graph kept (each holds the weights it needs)
 
     def __init__(self, version_dir: Path, metadata: ModelMetadata, *, max_batch_size: int = default("max_batch"),
                  threads: int = default("threads"), spinning: str = default("ort_spinning"),
@@ -124,7 +135,9 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"spinning must be one of {list(onnxrt.SPINNING)}, not {spinning!r}")
         self.spinning = spinning
         self.warmup_batch_sizes = tuple(b for b in warmup_batch_sizes if b <= max_batch_size)
-        self._session = None
+        self._session = None  # the whole raw graph, or the final graph pruned to the default call's outputs
+        self._default: tuple[str, ...] | None = None  # the outputs _session computes (None: every one)
+        self._pruned: collections.OrderedDict[tuple[str, ...], object] = collections.OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{metadata.name}")
 
     async def load(self) -> None:
@@ -134,27 +147,45 @@ class OnnxRuntimeBackend(Backend):
                 f"`python -m serving.convert RUN_DIR --format onnx` (or --format python), or serve a "
                 f"TensorRT version through Triton"
             )
+        meta = self.metadata
+        if meta.final:
+            self._default = tuple(name for t in meta.tasks for _, name in meta.outputs_for(t, "float32", False))
         loop = asyncio.get_running_loop()
         self._session = await loop.run_in_executor(self._executor, self._create_session)
         started = time.perf_counter()
         for batch in self.warmup_batch_sizes:
-            await self.infer(self.metadata.blank_batch(batch), self.metadata.io_spec.output_names)
+            await self.infer(meta.blank_batch(batch), self._default or meta.io_spec.output_names)
         log.info("loaded %s version %d with ONNX Runtime (%s threads), warmed up in %.2f s",
-                 self.metadata.name, self.metadata.version, self.threads or "default",
-                 time.perf_counter() - started)
+                 meta.name, meta.version, self.threads or "default", time.perf_counter() - started)
 
     def _create_session(self):
+        if self._default is not None:
+            self._check_outputs()
         try:
-            session = onnxrt.session(self.path, threads=self.threads, spinning=self.spinning)
+            session = onnxrt.session(self.path, threads=self.threads, spinning=self.spinning, outputs=self._default)
         except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
             raise ModelLoadError(f"ONNX Runtime cannot load {self.path}: {exc}; re-export the model") from exc
         self._check_graph(session)
         return session
 
+    def _check_outputs(self) -> None:
+        """A final graph's sessions see only the outputs they compute: check the graph's own list."""
+        import onnx
+
+        try:
+            graph = onnx.load(str(self.path), load_external_data=False).graph
+        except Exception as exc:  # protobuf's DecodeError and onnx's own errors
+            raise ModelLoadError(f"cannot load {self.path}: not a readable ONNX graph ({exc}); re-export the model") \
+                from exc
+        missing = [n for n in self.metadata.io_spec.output_names if n not in {o.name for o in graph.output}]
+        if missing:
+            raise ModelLoadError(f"{self.path} does not match its manifest: outputs missing from the graph "
+                                 f"{missing}; the version folder mixes two exports, re-convert it")
+
     def _check_graph(self, session) -> None:
         inputs = [(i.name, i.type) for i in session.get_inputs()]
         outputs = {o.name for o in session.get_outputs()}
-        missing = [n for n in self.metadata.io_spec.output_names if n not in outputs]
+        missing = [n for n in self._default or self.metadata.io_spec.output_names if n not in outputs]
         want = [(INPUT_NAME, f"tensor({ORT_TYPES[self.metadata.input_dtype]})")]
         if inputs != want or missing:
             raise ModelLoadError(
@@ -170,9 +201,27 @@ class OnnxRuntimeBackend(Backend):
                     deadline: float | None = None) -> dict[str, np.ndarray]:
         names = list(outputs)  # a forward pass cannot be interrupted: the batcher expires late requests
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self._session.run, names, {INPUT_NAME: batch})
+        results = await loop.run_in_executor(self._executor, self._run, names, batch)
         return dict(zip(names, results, strict=True))
+
+    def _run(self, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
+        """On the worker thread: run the session that computes exactly ``names`` (made on first use)."""
+        return self._session_for(tuple(names)).run(names, {INPUT_NAME: batch})
+
+    def _session_for(self, names: tuple[str, ...]):
+        if self._default is None or set(names) == set(self._default):
+            return self._session
+        key = tuple(sorted(names))
+        session = self._pruned.get(key)
+        if session is None:
+            session = onnxrt.session(self.path, threads=self.threads, spinning=self.spinning, outputs=key)
+            if len(self._pruned) >= self.max_sessions:
+                self._pruned.popitem(last=False)
+        self._pruned[key] = session
+        self._pruned.move_to_end(key)
+        return session
 
     async def close(self) -> None:
         self._session = None
+        self._pruned.clear()
         self._executor.shutdown(wait=False)

@@ -35,7 +35,8 @@ class PredictJSON(_Strict):
 
     image: str | None = Field(None, description="base64 of PNG or JPEG bytes (RGB, the model's input size)")
     tensor: TensorJSON | None = Field(
-        None, description="uint8 [H, W, 3] (HWC, 0..255) or float32 [3, H, W] (CHW, RGB in [0, 1])")
+        None, description="uint8 [H, W, 3] (HWC, 0..255) or float32 [3, H, W] (CHW, RGB in [0, 1]; "
+                          "quantised to 8 bits, round(x * 255), for a model that takes uint8 pixels)")
     tasks: list[str] = Field(default_factory=list, description="tasks to return; empty returns every task")
     output_dtype: OutputDTypeName = DEFAULT_OUTPUT_DTYPE
     probabilities: bool = Field(False, description=PROBABILITIES)

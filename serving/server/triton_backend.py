@@ -7,7 +7,7 @@ ONNX or python-backend models elsewhere). Both read the same model repository: t
 each version's ``manifest.json`` (tasks, class names, input size), Triton the model files.
 
 - **Outputs by name.** Every request names the outputs it wants (`InferRequestedOutput`: only those
-  the batch's calls need, so Triton computes and sends nothing else) and reads them back by name,
+  the batch's calls need, so Triton sends nothing else) and reads them back by name,
   so Triton may answer in any order and a model with extra outputs is still served.
 - **Versions.** `load` waits until Triton reports *this* version ready (Triton loads a new version
   on its own, from its repository poll or an explicit load; the gateway only ever follows, so it
