@@ -13,9 +13,10 @@ config entry, any other an integer ``SessionOptions`` attribute. The version fol
 self-contained: the stub cannot import this project. The python backend hands ``execute`` every request the
 dynamic batcher gathered, one by one: they are concatenated along the batch dimension, run in one
 ONNX Runtime call, and split back, so batching buys throughput here as it does in the ONNX Runtime
-backend. Only the outputs the batch's requests ask for are computed (their union: ONNX Runtime runs
-just the nodes those need), and each response carries the ones its request asked for; a request
-that names none gets every output, as Triton's own backends answer it. Inputs and outputs keep the
+backend. Only the outputs the batch's requests ask for are fetched (their union; ONNX Runtime still
+runs the whole graph: pruning it needs the onnx package, which this environment may lack), and
+each response carries the ones its request asked for; a request that names none gets every
+output, as Triton's own backends answer it. Inputs and outputs keep the
 dtypes of the config (uint8 pixels in, uint8 class maps and float16 maps out, as the graph has
 them). A failing batch answers each of its requests with the error instead of killing the stub.
 """
