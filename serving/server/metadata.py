@@ -52,7 +52,7 @@ class ModelMetadata:
     macs: int = 0
     manifest: Manifest | None = field(default=None, repr=False, compare=False)
     input_dtype: str = "float32"
-    tensors: Mapping[TensorKey, str] = field(default_factory=dict)  # empty: a raw graph
+    tensors: Mapping[TensorKey, str] = field(default_factory=dict, hash=False)  # empty: a raw graph
     _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
