@@ -1,13 +1,16 @@
 """The tensor spec of an exported model: the single source of input/output names, dtypes, shapes.
 
-The training side derives it from a model's tasks (`parsimony.tasks.model_io_spec`: each task
-kind says what its output tensor is); the ONNX export names and shapes the graph from it and checks
-the written graph against it (`ModelIOSpec.check_against_onnx`), the manifest records it, and the
-Triton ``config.pbtxt`` generator maps it field by field (``DTYPES`` holds the ONNX and Triton
-type names). The input is ``image``: float32 ``[-1, 3, H, W]``, RGB in [0, 1], normalised inside
-the graph; ``-1`` is the dynamic batch dimension, named ``batch`` in the graph. Outputs are named
-by their task names. Every name must match ``[A-Za-z_][A-Za-z0-9_]*`` so it is valid in ONNX, as
-a Triton tensor name and as a Python identifier.
+The training side derives it from a model's tasks (`parsimony.tasks.final_io_spec` for a graph
+that returns final answers, `parsimony.tasks.model_io_spec` for a raw one: each task kind says what
+its outputs are); the ONNX export names and shapes the graph from it and checks the written graph
+against it (`ModelIOSpec.check_against_onnx`), the manifest records it, and the Triton
+``config.pbtxt`` generator maps it field by field (``DTYPES`` holds the ONNX and Triton type
+names). The input is ``image``: uint8 ``[-1, H, W, 3]`` pixels in a final graph (or float32
+``[-1, 3, H, W]`` in [0, 1]: the float-input variant and raw graphs), converted and normalised
+inside the graph (`image_input_spec`); ``-1`` is the dynamic batch dimension, named ``batch`` in
+the graph. Outputs are named after their tasks (`parsimony.tasks.graph_output_name`). Every name
+must match ``[A-Za-z_][A-Za-z0-9_]*`` so it is valid in ONNX, as a Triton tensor name and as a
+Python identifier.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The multi-task network: one shared encoder pass, one head per task.
 
 Inputs are images in [0, 1]; the model normalises them itself (``config.input_mean`` /
-``config.input_std``), so an exported graph takes [0, 1] images. The normalisation constants are
+``config.input_std``). The default export wraps it to take uint8 pixels and return final answers
+(`training.export.final_graph`); a raw export takes [0, 1] images as the model does. The normalisation constants are
 non-persistent buffers: they follow ``.to(device)`` but are not in the state dict, whose only
 source of truth for them is the config.
 """
