@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 # torch/torchvision are pinned to the releases the project's machines install from local disk.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # The real Triton server for the integration tests: nvidia-pytriton bundles tritonserver (python
-# backend) and pins numpy<2, so it gets its own venv; onnxruntime runs inside its python-backend models.
+# backend) and pins numpy<2, so it gets its own venv; onnxruntime runs inside its python-backend models
+# (onnx prunes their graphs to the outputs a batch asks for).
 TRITON_VENV ?= .venv-triton
-TRITON_SPEC ?= nvidia-pytriton==0.7.0 'numpy<2' 'onnxruntime>=1.18'
+TRITON_SPEC ?= nvidia-pytriton==0.7.0 'numpy<2' 'onnxruntime>=1.18' 'onnx>=1.16'
 PYTEST_ARGS ?=
 
 .PHONY: venv triton-venv demo test test-all deploy-check lint bench bench-triton bench-gateway bench-triton-gateway bench-final-graph bench-footprint gpu-check proto clean

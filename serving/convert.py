@@ -58,6 +58,7 @@ __all__ = ["ConvertError", "ConvertResult", "ExportedModel", "convert", "label_f
 
 log = logging.getLogger("serving")
 PYTHON_MODEL = FORMATS["python"].model_file
+PRUNER_FILE = "parsimony_onnxrt.py"  # parsimony.onnxrt beside the python backend's model.py, which loads it
 TIMING_CACHE = ".tensorrt-timing.cache"  # per repository, next to the models (Triton ignores files there)
 # Test hook, read once by main(): comma-separated write steps (repository.WRITE_STEPS, or "onnx-copied")
 # at which the process announces "paused at STEP" on stderr and waits to be killed.
@@ -139,6 +140,8 @@ def _stage_python(folder: Path, export: ExportedModel, *_unused) -> None:
     _stage_onnx(folder, export)
     template = resources.files("serving.python_backend").joinpath(PYTHON_MODEL)
     (folder / PYTHON_MODEL).write_text(template.read_text())
+    # the model file cannot import this project: it loads the graph pruner from this copy
+    (folder / PRUNER_FILE).write_text(resources.files("parsimony").joinpath("onnxrt.py").read_text())
 
 
 def _stage_tensorrt(folder: Path, export: ExportedModel, options: ServingOptions, plan: Path | None,

@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from parsimony import onnxrt
 from parsimony.manifest import load_manifest
 from serving import repository as layout
-from serving.convert import convert, label_files, main
+from serving.convert import PRUNER_FILE, convert, label_files, main
 from serving.tensorrt_build import BuildSettings, optimization_profile, tensorrt_available, trtexec_args
 from serving.triton_config import (
     FORMATS,
@@ -62,6 +62,7 @@ def test_the_python_backend_gets_the_projects_onnxruntime_settings(exported_run,
     assert settings == onnxrt.session_settings(threads=2) and settings["intra_op_num_threads"] == "2"
     template = (ROOT / "serving" / "python_backend" / "model.py").read_text()
     assert f'ORT_PARAMETER = "{ORT_PARAMETER}"' in template
+    assert f'PRUNER_FILE = "{PRUNER_FILE}"' in template
 
 
 def test_python_format_layout_config_and_labels(exported_raw_faces_run, tmp_path):
@@ -69,7 +70,8 @@ def test_python_format_layout_config_and_labels(exported_raw_faces_run, tmp_path
     assert run_cli(exported_raw_faces_run, "--repository", repo, "--name", "faces", "--format", "python",
                    "--max-batch", "4", "--instances", "2") == 0
     version = repo / "faces" / "1"
-    assert sorted(p.name for p in version.iterdir()) == ["manifest.json", "model.onnx", "model.py"]
+    assert sorted(p.name for p in version.iterdir()) == ["manifest.json", "model.onnx", "model.py", PRUNER_FILE]
+    assert (version / PRUNER_FILE).read_text() == (ROOT / "parsimony" / "onnxrt.py").read_text()
     assert (version / "model.onnx").read_bytes() == (exported_raw_faces_run / "model.onnx").read_bytes()
     assert (version / "manifest.json").read_bytes() == (exported_raw_faces_run / "manifest.json").read_bytes()
     template = ROOT / "serving" / "python_backend" / "model.py"
