@@ -281,11 +281,14 @@ def _isolated_run(run_dir: Path) -> Iterator[None]:
     handler = logging.FileHandler(run_dir / RUN_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger = logging.getLogger("training")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # train.log has every INFO line, whatever the process set before
     logger.addHandler(handler)
     try:
         yield
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
         handler.close()
         torch.use_deterministic_algorithms(deterministic)
         configure_logging()
