@@ -57,7 +57,8 @@ def write_outputs(p: Prediction, info: ModelInfo, stem: str, out: Path) -> dict[
     """One file per task, drawn as its kind's picture says; returns task -> a one-line description
     of what was written."""
     written = {}
-    for task, value in p.outputs.items():
+    order = {t.name: i for i, t in enumerate(info.tasks)}  # the model's task order, not the wire map's
+    for task, value in sorted(p.outputs.items(), key=lambda item: order.get(item[0], len(order))):
         picture = kind(p.kinds[task], task=task).picture(info.task(task), value)
         path = visualize.write(picture, out / f"{stem}.{task}", {"task": task, "kind": p.kinds[task]})
         written[task] = f"{path} ({picture.summary})"
