@@ -10,9 +10,8 @@ analytic ray-primitive intersections give the nearest hit, from which all target
 - ``normal``: the hit surface's geometric unit normal in the camera frame (x right, y down,
   z forward, the OpenCV convention), always facing the camera (``dot(normal, ray) < 0``);
   (0, 0, 0) = invalid. It is consistent with depth: the floor has one normal everywhere.
-- ``edges``: 1 where two classes or two objects meet (the room's surfaces have no identity
-  beyond their class: wall meets wall is no boundary), 2 px wide (one on each side) at the
-  rendered size; -1 = invalid. Only when asked for by name (the default tasks are the others).
+- ``edges``: 1 where two classes or two objects meet (wall meets wall is no boundary), 2 px wide
+  at the rendered size; -1 = invalid. Only when asked for by name (not among the default tasks).
 
 The RGB image is Lambertian shading (ambient + one shadow-casting and one optional soft light) of
 procedural per-class textures (planks/tiles/carpet floors, plain/striped/panelled walls, crates
@@ -22,8 +21,7 @@ About 3-7 % of pixels are marked invalid as NYU-v2 does (smooth blobs, sometimes
 the left and right borders); the image is rendered normally there.
 
 World frame: y up, floor at y = 0, the room spans [0, W] x [0, H] x [0, D].
-Options: ``cache`` (bool; default on for <= 4096 samples within ~1 GiB) and ``invalid_pixels``
-(bool, default True).
+Options: ``cache`` (bool; on for <= 4096 samples within ~1 GiB), ``invalid_pixels`` (bool, True).
 """
 
 from __future__ import annotations
