@@ -23,6 +23,7 @@ after ``warmup`` calls, with ``threads`` intra-op threads in both runtimes.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections import defaultdict
@@ -34,6 +35,13 @@ import numpy as np
 
 from parsimony import onnxrt
 from training.timing import median_ms
+
+
+def configure_logging() -> None:
+    """A benchmark's own progress lines on stderr; the training package's INFO lines (exports,
+    compaction reports) would drown them, so only its warnings show."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("training").setLevel(logging.WARNING)
 
 CONV_OPS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose"})
 

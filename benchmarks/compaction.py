@@ -38,7 +38,6 @@ import copy
 import logging
 import os
 import platform
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,11 +47,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from benchmarks._timing import Job, cuda_measure, measure
+from benchmarks._timing import Job, configure_logging, cuda_measure, measure
+from parsimony.io import atomic_write_json
 from training.compaction import compact, load_compact
 from training.data.synthetic_scenes import TASKS
 from training.export import export_onnx
-from training.io import atomic_write_json
 from training.models import count_parameters, create_model, macs_by_module, macs_by_prefix
 from training.sparsity import build_groups
 
@@ -335,8 +334,7 @@ def report(result: dict, args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    logging.getLogger("training").setLevel(logging.WARNING)
+    configure_logging()
     torch.set_num_threads(args.threads)
     env = {"torch": torch.__version__, "onnxruntime": ort.__version__, "threads": args.threads,
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}

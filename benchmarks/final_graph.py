@@ -69,6 +69,7 @@ from benchmarks._final_models import (
 from benchmarks._final_report import report
 from benchmarks._gateway_bounds import echo_server, process_cpu_s
 from benchmarks._gateway_report import update_markdown
+from benchmarks._timing import configure_logging
 from benchmarks.gateway import start_gateway, stop_gateway, tensor_request, test_image
 from parsimony import onnxrt
 from parsimony.io import atomic_write_json
@@ -356,8 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    logging.getLogger("training").setLevel(logging.WARNING)
+    configure_logging()
     env = {"command": " ".join(["python -m benchmarks.final_graph", *argv]), "onnxruntime": ort.__version__,
            "threads": args.threads, "cores": len(os.sched_getaffinity(0)), "cpu": platform.processor() or platform.machine(),
            "python": platform.python_version(), "load_average": os.getloadavg()}

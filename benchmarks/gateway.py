@@ -74,6 +74,7 @@ from PIL import Image
 from benchmarks._final_models import call_outputs, graph_input, metadata
 from benchmarks._gateway_bounds import INSTALL_HINT, ceilings, echo_server, h2load_available, h2load_run
 from benchmarks._gateway_report import report, update_markdown
+from benchmarks._timing import configure_logging
 from benchmarks.compaction import CASES, sparsify
 from parsimony import onnxrt
 from parsimony.io import atomic_write_json
@@ -378,8 +379,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    logging.getLogger("training").setLevel(logging.WARNING)
+    configure_logging()
     env = {"onnxruntime": ort.__version__, "threads": args.threads, "cores": os.cpu_count(),
            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
     results = [run_model(key, args) for key in args.models]

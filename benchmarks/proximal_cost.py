@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.train_throughput import CASES, fixed_batch
+from parsimony.io import atomic_write_json
 from training.engine import TrainStep
-from training.io import atomic_write_json
 from training.losses import MultiTaskLoss
 from training.models import create_model
 from training.sparsity import GroupLasso, build_groups

@@ -58,6 +58,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
 from benchmarks._final_models import CASES, call_outputs, export_pair, metadata
+from benchmarks._timing import configure_logging
 from parsimony import onnxrt
 from parsimony.io import atomic_write_json
 from serving.convert import ConvertError, ExportedModel, convert, load_export
@@ -364,8 +365,7 @@ def benchmark(args: argparse.Namespace, argv: list[str], s: Settings, tmp: Path)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    logging.getLogger("training").setLevel(logging.WARNING)
+    configure_logging()
     s = settings_from(args)
     try:
         with tempfile.TemporaryDirectory(prefix="triton-bench-") as tmp:

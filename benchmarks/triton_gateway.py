@@ -45,6 +45,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
 from benchmarks._final_models import CASES, GRAPHS, call_outputs, export_pair, graph_input, metadata
+from benchmarks._timing import configure_logging
 from benchmarks.gateway import start_gateway, stop_gateway
 from benchmarks.triton import MODEL_NAME, machine
 from clients import Client
@@ -235,8 +236,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    logging.getLogger("training").setLevel(logging.WARNING)
+    configure_logging()
     with tempfile.TemporaryDirectory(prefix="triton-gateway-bench-") as tmp:
         result = benchmark(args, Path(tmp))
     print(report(result, args, argv))

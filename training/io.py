@@ -1,24 +1,11 @@
-"""Atomic writes of PyTorch objects. Everything else about atomic writes lives in `parsimony.io`
-(re-exported here for the modules and benchmarks that still import it from this one)."""
+"""Atomic writes of PyTorch objects; every other atomic write lives in `parsimony.io`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from parsimony.io import (
-    append_jsonl,
-    atomic_write_json,
-    atomic_write_text,
-    fsync_dir,
-    readable_mode,
-    replace_dir,
-    staged,
-    staging_dir,
-)
-
-__all__ = ["append_jsonl", "atomic_torch_save", "atomic_write_json", "atomic_write_text", "fsync_dir",
-           "readable_mode", "replace_dir", "staged", "staging_dir"]
+from parsimony.io import staged
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.io import atomic_write_text
+from parsimony.io import atomic_write_text
 from training.metrics import metric_direction, primary_metric
 from training.tasks import TaskSpec
 

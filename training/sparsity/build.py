@@ -96,7 +96,7 @@ def write_target_check(run_dir: Path, summary: dict, dense: nn.Module, compact_o
                        image_size: tuple[int, int], config: Any) -> dict:
     """The target's outcome with the exported model timed against the dense one, written to
     RUN_DIR/target.json."""
-    from training.io import atomic_write_json
+    from parsimony.io import atomic_write_json
 
     timing = time_dense_and_compact(dense, compact_onnx, image_size, batch=config.target_batch,
                                     threads=config.target_threads)
