@@ -59,3 +59,15 @@ def exported_raw_run(exported_run, tmp_path_factory) -> Path:
 def exported_raw_faces_run(exported_faces_run, tmp_path_factory) -> Path:
     """`exported_faces_run` exported as a raw graph."""
     return _raw(tmp_path_factory, exported_faces_run)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``): on
+    shared 2-core machines OpenMP spin-waits dominate tiny convolutions."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

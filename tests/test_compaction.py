@@ -48,13 +48,7 @@ RTOL = 1e-5
 PATTERNS = (0, 1, 2)  # 0: whole groups, 1: producers only, 2: whole groups + one whole space dead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on shared 2-core machines OpenMP spin-waits dominate tiny convs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 _BASE: dict[str, tuple[nn.Module, GroupSet]] = {}

@@ -62,13 +62,7 @@ TINY_SIZE = (32, 48)
 RESNET_SIZE = (32, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on shared 2-core machines OpenMP spin-waits dominate tiny convs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(tasks: tuple[TaskSpec, ...] = TASKS, seed: int = 0) -> MultiTaskModel:

@@ -47,12 +47,7 @@ SIZE = (32, 48)
 FP16_ULPS = 2.0**-10, 2.0**-24  # two float16 roundings, relative and in the subnormal range
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(tasks=TASKS, seed: int = 0):

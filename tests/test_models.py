@@ -57,13 +57,7 @@ DECLARED = {
 BIG = {"resnet50", "resnet50-os8", "resnet50d-os8"}  # narrow heads keep these tests fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on shared 2-core machines OpenMP spin-waits dominate tiny convs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _size(encoder: str) -> tuple[int, int]:

@@ -21,13 +21,7 @@ from training.models import (
 )
 from training.tasks import TaskSpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomise_bn(model: nn.Module) -> None:

@@ -20,13 +20,7 @@ ATTR = TaskSpec("attr", "attributes", 2, ("Male", "Smiling"))
 TASKS = (SEG, DEPTH, ATTR)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on shared 2-core machines OpenMP spin-waits dominate tiny convs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 _MODELS: dict[str, nn.Module] = {}

@@ -27,12 +27,7 @@ SEG = TaskSpec("seg", "segmentation", 5)
 ATTR = TaskSpec("attr", "attributes", 2, ("Male", "Smiling"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _micro(dtype: torch.dtype = torch.float32) -> nn.Module:
