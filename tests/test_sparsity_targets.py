@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from test_sparsity_regularizer import _one_thread  # noqa: F401  (autouse: one torch thread per test)
 from torch import nn
 
 from training.compaction import compact
@@ -28,6 +27,8 @@ SEG = TaskSpec("seg", "segmentation", 5)
 DEPTH = TaskSpec("depth", "depth", 1)
 ATTR = TaskSpec("attr", "attributes", 2, ("Male", "Smiling"))
 SIZE = (32, 48)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(encoder: str = "tiny", seed: int = 0) -> nn.Module:
